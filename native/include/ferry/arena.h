@@ -1,0 +1,70 @@
+#pragma once
+// Device memory of the CPU device: one reserved region of `capacity` bytes with a first-fit
+// free-list allocator. It stands in for VRAM under a budget, so it refuses (rather than grows
+// past) its capacity, and it counts what a VRAM allocator would be judged by: allocations made,
+// bytes in use, peak.
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace ferry {
+
+struct MemoryStats {
+  uint64_t allocations = 0;      // allocations ever made (a measure of per-step churn)
+  size_t in_use_bytes = 0;       // bytes currently allocated (after rounding to the alignment)
+  size_t peak_bytes = 0;         // highest in_use_bytes since the device was created
+  size_t window_peak_bytes = 0;  // highest in_use_bytes since the last reset_window_peak()
+  size_t committed_bytes = 0;    // bytes of the region ever touched by an allocation
+  size_t capacity_bytes = 0;
+  size_t largest_free_block = 0;
+};
+
+class Arena {
+ public:
+  static constexpr size_t kAlignment = 64;
+
+  // Reserves address space only (pages are committed when first written), so a large budget
+  // costs nothing until used. `owner` names the device in error messages.
+  Arena(size_t capacity, std::string owner);
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  // Returns kAlignment-aligned memory of at least `bytes` (0 is treated as 1). Throws
+  // DeviceOutOfMemoryError naming the request, bytes in use, capacity and the largest free block
+  // when no free block is large enough.
+  void* allocate(size_t bytes);
+  // Returns a block to the free list, merging it with free neighbours. False (and no change) if
+  // `ptr` is not a live allocation of this arena.
+  bool release(void* ptr) noexcept;
+
+  size_t capacity() const { return capacity_; }
+  size_t free_bytes() const;
+  MemoryStats stats() const;
+  // Starts a new window for window_peak_bytes (the runner opens one per step).
+  void reset_window_peak();
+  bool owns(const void* ptr) const;
+
+ private:
+  size_t largest_free_locked() const;
+
+  std::string owner_;
+  size_t capacity_ = 0;
+  size_t usable_ = 0;  // capacity rounded down to the alignment
+  uint8_t* base_ = nullptr;
+  size_t mapped_ = 0;
+
+  mutable std::mutex mu_;
+  std::map<size_t, size_t> free_;            // offset → size, ordered for first fit and merging
+  std::unordered_map<size_t, size_t> used_;  // offset → size
+  uint64_t allocations_ = 0;
+  size_t in_use_ = 0;
+  size_t peak_ = 0;
+  size_t window_peak_ = 0;
+  size_t high_water_ = 0;
+};
+
+}  // namespace ferry

@@ -1,0 +1,42 @@
+#pragma once
+// What a run records: timestamped events per merged segment and a report per step. Timestamps are
+// wall-clock (Unix epoch, microseconds) so TypeScript can turn them into spans with their real
+// start and end times; the hot loop never calls into JavaScript to do so.
+#include <cstdint>
+#include <vector>
+
+namespace ferry {
+
+enum class EventKind : uint8_t { kSegment, kPrepareParams, kH2D, kCompute };
+// Where a segment's weights came from: read from the file ("disk"), the host params cache
+// ("host"), or already on the device ("resident").
+enum class ParamSource : uint8_t { kNone, kDisk, kHost, kResident };
+enum class Cold : uint8_t { kUnset, kFalse, kTrue };
+
+const char* event_kind_name(EventKind kind);
+const char* param_source_name(ParamSource source);  // nullptr for kNone
+
+struct RunEvent {
+  EventKind kind = EventKind::kSegment;
+  int32_t segment = 0;  // index of the merged segment in the plan
+  double start_us = 0;
+  double end_us = 0;
+  uint64_t bytes = 0;
+  ParamSource source = ParamSource::kNone;
+  Cold cold = Cold::kUnset;  // prepare_params only: did it read from disk
+};
+
+struct StepReport {
+  int64_t step = 0;  // 1-based
+  double start_us = 0;
+  double end_us = 0;
+  uint64_t h2d_bytes = 0;
+  uint64_t disk_bytes = 0;
+  uint64_t arena_peak_bytes = 0;  // device memory high-water mark during this step
+  std::vector<RunEvent> events;
+};
+
+// Microseconds since the Unix epoch, from the system clock.
+double wall_clock_us();
+
+}  // namespace ferry

@@ -1,0 +1,110 @@
+#pragma once
+// safetensors reader (https://github.com/huggingface/safetensors): an 8-byte little-endian header
+// length N, N bytes of JSON {"__metadata__": {str: str}, name: {dtype, shape, data_offsets}}, then
+// the data, offsets relative to its start. Only the header is read at open; tensor data is read
+// later with pread, straight into the caller's memory. Every problem with the file is a
+// ModelFormatError naming the file (and tensor).
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ferry {
+
+// Every dtype a safetensors header may declare. Ferry's kernels compute with F32/F16/BF16 only
+// (ferry::DType); the rest are readable for inspection.
+enum class StDType : uint8_t {
+  kBool,
+  kU8,
+  kI8,
+  kF8_E5M2,
+  kF8_E4M3,
+  kF8_E8M0,
+  kI16,
+  kU16,
+  kF16,
+  kBF16,
+  kI32,
+  kU32,
+  kF32,
+  kF64,
+  kI64,
+  kU64,
+  kC64,
+  kF4,
+  kF6_E2M3,
+  kF6_E3M2,
+};
+
+const char* st_dtype_name(StDType dtype);
+bool st_dtype_from_name(std::string_view name, StDType* out);
+unsigned st_dtype_bits(StDType dtype);  // bits per element (sub-byte types pack)
+std::string st_known_dtypes();          // "BOOL, U8, …" for error messages
+
+struct TensorInfo {
+  std::string name;
+  StDType dtype = StDType::kF32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  // absolute file offsets of the data
+  uint64_t end = 0;
+  uint64_t nbytes() const { return end - begin; }
+  int64_t elements() const;
+};
+
+// Limits: a length field above this is the usual sign of a file that is not safetensors at all
+// (the reference implementation uses the same limit).
+constexpr uint64_t kMaxSafetensorsHeaderBytes = 100'000'000;
+// No real tensor has a dimension anywhere near this; larger is corruption.
+constexpr int64_t kMaxTensorDim = int64_t{1} << 48;
+
+struct SafetensorsHeader {
+  uint64_t header_bytes = 0;  // N
+  uint64_t data_start = 0;    // 8 + N
+  uint64_t file_bytes = 0;
+  std::map<std::string, std::string> metadata;
+  std::vector<TensorInfo> tensors;  // sorted by begin (data order)
+};
+
+// Parses and validates a header's JSON text for a file of `file_bytes` bytes whose header is
+// `header_bytes` long. `label` (the path) prefixes every error message.
+SafetensorsHeader parse_safetensors_header(const std::string& label, std::string_view json,
+                                           uint64_t header_bytes, uint64_t file_bytes);
+
+class SafetensorsFile {
+ public:
+  // Opens and validates; IoError if the file cannot be opened, ModelFormatError if it is not a
+  // valid safetensors file.
+  static std::unique_ptr<SafetensorsFile> open(const std::string& path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  const SafetensorsHeader& header() const { return header_; }
+  const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
+  const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
+  uint64_t file_bytes() const { return header_.file_bytes; }
+  const TensorInfo* find(const std::string& name) const;
+
+  // Reads exactly `bytes` at absolute `offset` into `dst` (pread, retried on short reads). The
+  // range is checked against the file size seen at open; a file that shrank since is a
+  // ModelFormatError, an I/O failure an IoError. Safe to call from several threads.
+  void read(uint64_t offset, void* dst, size_t bytes) const;
+  std::vector<uint8_t> read_tensor(const TensorInfo& tensor) const;
+
+ private:
+  SafetensorsFile(std::string path, int fd);
+  std::string path_;
+  int fd_ = -1;
+  SafetensorsHeader header_;
+};
+
+// Decodes a tensor's raw little-endian bytes to doubles, for inspection and tests. Unsigned and
+// signed integers, BOOL, floats (F64, F32, F16, BF16, F8_E4M3, F8_E5M2); InvalidArgumentError for
+// the others.
+std::vector<double> decode_tensor_f64(StDType dtype, const uint8_t* bytes, size_t nbytes);
+
+}  // namespace ferry

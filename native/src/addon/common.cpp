@@ -1,0 +1,111 @@
+#include "common.h"
+
+#include <cmath>
+
+#include "ferry/errors.h"
+
+namespace ferry {
+namespace addon {
+
+CapturedError capture_exception(std::exception_ptr error) {
+  CapturedError out;
+  try {
+    std::rethrow_exception(error);
+  } catch (const IoError& e) {
+    out.name = e.name();
+    out.message = e.what();
+    out.code = e.code();
+    out.syscall = e.syscall();
+    out.path = e.path();
+    out.error_number = e.error_number();
+  } catch (const ferry::Error& e) {
+    out.name = e.name();
+    out.message = e.what();
+  } catch (const std::bad_alloc&) {
+    out.message = "out of host memory";
+  } catch (const std::exception& e) {
+    out.message = e.what();
+  } catch (...) {
+    out.message = "unknown native error";
+  }
+  return out;
+}
+
+Napi::Error to_js_error(Napi::Env env, const CapturedError& error) {
+  Napi::Error e = Napi::Error::New(env, error.message);
+  Napi::Object o = e.Value();
+  o.Set("name", error.name);
+  if (!error.code.empty()) {
+    o.Set("code", error.code);
+    o.Set("errno", Napi::Number::New(env, -error.error_number));  // libuv's sign, as fs errors
+    o.Set("syscall", error.syscall);
+    o.Set("path", error.path);
+  }
+  // The stack was captured with the name "Error"; restate its first line with the real name.
+  Napi::Value stack = o.Get("stack");
+  if (stack.IsString()) {
+    std::string s = stack.As<Napi::String>().Utf8Value();
+    const std::string prefix = "Error: ";
+    if (s.compare(0, prefix.size(), prefix) == 0) {
+      o.Set("stack", error.name + ": " + s.substr(prefix.size()));
+    }
+  }
+  return e;
+}
+
+void throw_invalid_argument(Napi::Env env, const std::string& message) {
+  CapturedError e;
+  e.name = "InvalidArgumentError";
+  e.message = message;
+  throw to_js_error(env, e);
+}
+
+Napi::Object object_arg(const Napi::Value& value, const std::string& where) {
+  if (!value.IsObject() || value.IsArray() || value.IsFunction()) {
+    throw_invalid_argument(value.Env(), where + " must be an object");
+  }
+  return value.As<Napi::Object>();
+}
+
+bool has_field(const Napi::Object& object, const char* key) {
+  Napi::Value v = object.Get(key);
+  return !v.IsUndefined() && !v.IsNull();
+}
+
+uint64_t uint_field(const Napi::Object& object, const char* key, const std::string& where) {
+  Napi::Value v = object.Get(key);
+  const double max = 9007199254740992.0;  // 2^53
+  if (!v.IsNumber()) throw_invalid_argument(object.Env(), where + "." + key + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || d < 0 || d > max || std::floor(d) != d) {
+    throw_invalid_argument(
+        object.Env(),
+        where + "." + key + " must be a non-negative integer, got " + v.ToString().Utf8Value());
+  }
+  return static_cast<uint64_t>(d);
+}
+
+uint64_t uint_field_or(const Napi::Object& object, const char* key, const std::string& where,
+                       uint64_t fallback) {
+  return has_field(object, key) ? uint_field(object, key, where) : fallback;
+}
+
+double number_field_or(const Napi::Object& object, const char* key, const std::string& where,
+                       double fallback) {
+  if (!has_field(object, key)) return fallback;
+  Napi::Value v = object.Get(key);
+  if (!v.IsNumber()) throw_invalid_argument(object.Env(), where + "." + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+bool bool_field(const Napi::Object& object, const char* key, const std::string& where) {
+  Napi::Value v = object.Get(key);
+  if (!v.IsBoolean())
+    throw_invalid_argument(object.Env(), where + "." + key + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+AddonData& addon_data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }
+
+}  // namespace addon
+}  // namespace ferry

@@ -1,0 +1,92 @@
+#include "cpu_device_wrap.h"
+
+namespace ferry {
+namespace addon {
+
+Napi::Function CpuDeviceWrap::define(Napi::Env env) {
+  return DefineClass(env, "CpuDevice",
+                     {
+                         InstanceMethod<&CpuDeviceWrap::info>("info"),
+                         InstanceMethod<&CpuDeviceWrap::stats>("stats"),
+                         InstanceMethod<&CpuDeviceWrap::dispose>("dispose"),
+                     });
+}
+
+CpuDeviceWrap::CpuDeviceWrap(const Napi::CallbackInfo& info)
+    : Napi::ObjectWrap<CpuDeviceWrap>(info) {
+  Napi::Env env = info.Env();
+  registry_ = addon_data(env).registry;
+  const std::string where = "CpuDevice options";
+  Napi::Object options = object_arg(info[0], where);
+  CpuDeviceOptions o;
+  o.capacity_bytes = uint_field(options, "capacityBytes", where);
+  o.link_gbps = number_field_or(options, "linkGbps", where, 0);
+  const uint64_t threads = uint_field_or(options, "threads", where, 0);
+  if (threads > 4096) throw_invalid_argument(env, where + ".threads must be at most 4096");
+  o.threads = static_cast<unsigned>(threads);
+  device_ = guarded(env, [&] { return std::make_shared<CpuDevice>(o); });
+  registry_->devices.insert(this);
+}
+
+CpuDeviceWrap::~CpuDeviceWrap() {
+  registry_->devices.erase(this);
+  release(Env(), !registry_->tearing_down);
+}
+
+std::shared_ptr<CpuDevice> CpuDeviceWrap::device(Napi::Env env) const {
+  if (!device_) throw_invalid_argument(env, "CpuDevice has been disposed");
+  return device_;
+}
+
+void CpuDeviceWrap::sync_external_memory(Napi::Env env) {
+  if (!device_ || registry_->tearing_down) return;
+  const int64_t committed = static_cast<int64_t>(device_->memory_stats().committed_bytes);
+  if (committed != reported_external_) {
+    Napi::MemoryManagement::AdjustExternalMemory(env, committed - reported_external_);
+    reported_external_ = committed;
+  }
+}
+
+void CpuDeviceWrap::release(Napi::Env env, bool adjust_external) {
+  if (adjust_external && reported_external_ != 0) {
+    Napi::MemoryManagement::AdjustExternalMemory(env, -reported_external_);
+  }
+  reported_external_ = 0;
+  device_.reset();
+}
+
+Napi::Value CpuDeviceWrap::info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto d = device(env);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("name", d->name());
+  out.Set("kind", device_kind_name(d->kind()));
+  out.Set("totalBytes", size_value(env, d->total_bytes()));
+  out.Set("freeBytes", size_value(env, d->free_bytes()));
+  out.Set("linkGbps", d->link_gbps());
+  out.Set("threads", d->threads());
+  return out;
+}
+
+Napi::Value CpuDeviceWrap::stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto d = device(env);
+  sync_external_memory(env);
+  const MemoryStats s = d->memory_stats();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("allocations", size_value(env, s.allocations));
+  out.Set("inUseBytes", size_value(env, s.in_use_bytes));
+  out.Set("peakBytes", size_value(env, s.peak_bytes));
+  out.Set("committedBytes", size_value(env, s.committed_bytes));
+  out.Set("largestFreeBlock", size_value(env, s.largest_free_block));
+  out.Set("busy", d->busy());
+  return out;
+}
+
+Napi::Value CpuDeviceWrap::dispose(const Napi::CallbackInfo& info) {
+  release(info.Env(), true);
+  return info.Env().Undefined();
+}
+
+}  // namespace addon
+}  // namespace ferry

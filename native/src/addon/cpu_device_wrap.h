@@ -1,0 +1,37 @@
+#pragma once
+// JS class CpuDevice: owns a ferry::CpuDevice (arena, copy thread, kernel threads).
+#include <napi.h>
+
+#include <memory>
+
+#include "common.h"
+#include "ferry/cpu_device.h"
+
+namespace ferry {
+namespace addon {
+
+class CpuDeviceWrap : public Napi::ObjectWrap<CpuDeviceWrap> {
+ public:
+  static Napi::Function define(Napi::Env env);
+  explicit CpuDeviceWrap(const Napi::CallbackInfo& info);
+  ~CpuDeviceWrap() override;
+
+  // The device, or an InvalidArgumentError if disposed.
+  std::shared_ptr<CpuDevice> device(Napi::Env env) const;
+  // Tells V8 how much device memory is committed (it is host memory on this device).
+  void sync_external_memory(Napi::Env env);
+  // Drops this wrap's reference; a run still holding the device keeps it until the run ends.
+  void release(Napi::Env env, bool adjust_external);
+
+ private:
+  Napi::Value info(const Napi::CallbackInfo& info);
+  Napi::Value stats(const Napi::CallbackInfo& info);
+  Napi::Value dispose(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<Registry> registry_;
+  std::shared_ptr<CpuDevice> device_;
+  int64_t reported_external_ = 0;
+};
+
+}  // namespace addon
+}  // namespace ferry

@@ -1,0 +1,266 @@
+#include "run.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <thread>
+
+#include "common.h"
+#include "cpu_device_wrap.h"
+#include "ferry/errors.h"
+#include "ferry/runner.h"
+#include "model_wrap.h"
+
+namespace ferry {
+namespace addon {
+
+namespace {
+
+struct RunState;
+void deliver_step(Napi::Env env, Napi::Function on_step, RunState* state, StepReport* report);
+using StepChannel = Napi::TypedThreadSafeFunction<RunState, StepReport, deliver_step>;
+
+// One run, shared by its native thread, the JS `cancel` function and the channel's finalizer.
+// The thread is joined, and the promise settled, by the finalizer on the main thread, after the
+// last step report has been delivered.
+struct RunState {
+  std::shared_ptr<CpuDevice> device;
+  std::shared_ptr<DitModel> model;
+  DeviceLease lease;  // declared after `device`: released before the device can go
+  RunRequest request;
+  std::atomic<bool> cancel{false};
+  std::atomic<bool> finished{false};
+  bool tearing_down = false;  // main thread only
+  std::thread thread;
+  StepChannel channel;
+  std::optional<Napi::Promise::Deferred> deferred;
+  Napi::ObjectReference device_object;  // keep the wraps alive for external-memory accounting
+  Napi::ObjectReference model_object;
+  Napi::ObjectReference callback_error;  // onStep threw: the run stops and rejects with it
+  std::optional<RunOutput> output;
+  std::optional<CapturedError> error;
+  std::optional<Napi::Env::CleanupHook<void (*)(RunState*), RunState>> cleanup_hook;
+};
+
+Napi::Object event_object(Napi::Env env, const RunEvent& e) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("kind", event_kind_name(e.kind));
+  o.Set("segment", e.segment);
+  o.Set("startUs", e.start_us);
+  o.Set("endUs", e.end_us);
+  o.Set("bytes", size_value(env, e.bytes));
+  if (const char* source = param_source_name(e.source)) o.Set("source", source);
+  if (e.cold != Cold::kUnset) o.Set("cold", e.cold == Cold::kTrue);
+  return o;
+}
+
+Napi::Object report_object(Napi::Env env, const StepReport& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("step", Napi::Number::New(env, static_cast<double>(r.step)));
+  o.Set("stepStartUs", r.start_us);
+  o.Set("stepEndUs", r.end_us);
+  o.Set("h2dBytes", size_value(env, r.h2d_bytes));
+  o.Set("diskBytes", size_value(env, r.disk_bytes));
+  o.Set("arenaPeakBytes", size_value(env, r.arena_peak_bytes));
+  Napi::Array events = Napi::Array::New(env, r.events.size());
+  for (size_t i = 0; i < r.events.size(); i++) events.Set(i, event_object(env, r.events[i]));
+  o.Set("events", events);
+  return o;
+}
+
+void deliver_step(Napi::Env env, Napi::Function on_step, RunState* state, StepReport* report) {
+  std::unique_ptr<StepReport> owned(report);
+  // A null env: the channel is being torn down with reports still queued; just free them.
+  if (env == nullptr || on_step.IsEmpty() || !state->callback_error.IsEmpty()) return;
+  try {
+    on_step.Call({report_object(env, *report)});
+  } catch (const Napi::Error& e) {
+    state->callback_error = Napi::Persistent(e.Value());
+    state->cancel.store(true);
+  }
+}
+
+Napi::Object output_object(Napi::Env env, const RunOutput& out) {
+  Napi::Float32Array values = Napi::Float32Array::New(env, out.output.size());
+  std::memcpy(values.Data(), out.output.data(), out.output.size() * sizeof(float));
+  Napi::Array shape = Napi::Array::New(env, 3);
+  for (uint32_t i = 0; i < 3; i++)
+    shape.Set(i, Napi::Number::New(env, static_cast<double>(out.shape[i])));
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("output", values);
+  o.Set("shape", shape);
+  return o;
+}
+
+void finalize_run(Napi::Env env, std::shared_ptr<RunState>* holder, RunState*) {
+  std::shared_ptr<RunState> state = std::move(*holder);
+  delete holder;
+  // At environment teardown the channel closes while the run may still be going: stop it at its
+  // next segment boundary, then wait for it, so nothing outlives the environment.
+  if (!state->finished.load()) state->cancel.store(true);
+  if (state->thread.joinable()) state->thread.join();
+  if (state->tearing_down) return;
+  if (state->cleanup_hook) state->cleanup_hook->Remove(env);
+  try {
+    if (auto* w = CpuDeviceWrap::Unwrap(state->device_object.Value())) w->sync_external_memory(env);
+    if (auto* w = ModelWrap::Unwrap(state->model_object.Value())) w->sync_external_memory(env);
+    if (!state->callback_error.IsEmpty()) {
+      state->deferred->Reject(state->callback_error.Value());
+    } else if (state->error) {
+      state->deferred->Reject(to_js_error(env, *state->error).Value());
+    } else {
+      state->deferred->Resolve(output_object(env, *state->output));
+    }
+  } catch (const Napi::Error& e) {
+    state->deferred->Reject(e.Value());
+  }
+  state->device_object.Reset();
+  state->model_object.Reset();
+  state->callback_error.Reset();
+}
+
+void on_env_teardown(RunState* state) {
+  state->tearing_down = true;
+  state->cancel.store(true);
+}
+
+void run_thread(std::shared_ptr<RunState> state) {
+  try {
+    state->output = run_job(state->lease, *state->model, state->request, &state->cancel,
+                            [&state](StepReport&& report) {
+                              auto boxed = std::make_unique<StepReport>(std::move(report));
+                              if (state->channel.NonBlockingCall(boxed.get()) == napi_ok) {
+                                boxed.release();
+                              } else {
+                                // The environment is going away: nobody is listening.
+                                state->cancel.store(true);
+                              }
+                            });
+  } catch (...) {
+    state->error = capture_exception(std::current_exception());
+  }
+  // Free the device before the promise settles, so code awaiting it can start the next job.
+  state->lease.reset();
+  state->finished.store(true);
+  StepChannel channel = state->channel;
+  state.reset();
+  channel.Release();
+}
+
+RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
+  const std::string where = "startRun request";
+  Napi::Object o = object_arg(value, where);
+  RunRequest r;
+  r.batch = static_cast<int64_t>(uint_field(o, "batch", where));
+  r.tokens = static_cast<int64_t>(uint_field(o, "tokens", where));
+  r.steps = static_cast<int64_t>(uint_field(o, "steps", where));
+  Napi::Value seed = o.Get("seed");
+  if (seed.IsBigInt()) {
+    bool lossless = false;
+    r.seed = seed.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) throw_invalid_argument(env, where + ".seed must be in [0, 2^64)");
+  } else if (seed.IsUndefined()) {
+    r.seed = 0;
+  } else {
+    r.seed = uint_field(o, "seed", where);
+  }
+  if (has_field(o, "input")) {
+    Napi::Value input = o.Get("input");
+    if (!input.IsTypedArray() ||
+        input.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+      throw_invalid_argument(env, where + ".input must be a Float32Array");
+    }
+    Napi::Float32Array a = input.As<Napi::Float32Array>();
+    r.input.assign(a.Data(), a.Data() + a.ElementLength());
+    if (r.input.empty()) throw_invalid_argument(env, where + ".input is empty");
+  }
+  Napi::Value segments = o.Get("segments");
+  if (!segments.IsArray()) throw_invalid_argument(env, where + ".segments must be an array");
+  Napi::Array list = segments.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    const std::string at = where + ".segments[" + std::to_string(i) + "]";
+    Napi::Object s = object_arg(list.Get(i), at);
+    PlanSegment p;
+    p.first_base = static_cast<int64_t>(uint_field(s, "firstBase", at));
+    p.last_base = static_cast<int64_t>(uint_field(s, "lastBase", at));
+    p.resident = bool_field(s, "resident", at);
+    p.compute_buffer_bytes = uint_field(s, "computeBufferBytes", at);
+    r.segments.push_back(p);
+  }
+  return r;
+}
+
+}  // namespace
+
+Napi::Value start_run(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonData& data = addon_data(env);
+  if (!info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(data.device_class.Value())) {
+    throw_invalid_argument(env, "startRun: the first argument must be a CpuDevice");
+  }
+  if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(data.model_class.Value())) {
+    throw_invalid_argument(env, "startRun: the second argument must be a Model from openModel()");
+  }
+  if (!info[3].IsUndefined() && !info[3].IsFunction()) {
+    throw_invalid_argument(env, "startRun: onStep must be a function");
+  }
+  auto* device_wrap = CpuDeviceWrap::Unwrap(info[0].As<Napi::Object>());
+  auto* model_wrap = ModelWrap::Unwrap(info[1].As<Napi::Object>());
+
+  auto state = std::make_shared<RunState>();
+  state->device = device_wrap->device(env);
+  state->model = model_wrap->model(env);
+  state->request = parse_request(env, info[2]);
+  state->deferred.emplace(Napi::Promise::Deferred::New(env));
+
+  Napi::Object handle = Napi::Object::New(env);
+  handle.Set("done", state->deferred->Promise());
+  std::weak_ptr<RunState> weak = state;
+  handle.Set("cancel", Napi::Function::New(
+                           env,
+                           [weak](const Napi::CallbackInfo& cb) {
+                             if (auto s = weak.lock()) s->cancel.store(true);
+                             return cb.Env().Undefined();
+                           },
+                           "cancel"));
+
+  // The device runs one job at a time; a second one is refused rather than queued, so the caller
+  // (which knows the job) decides what to do.
+  try {
+    state->lease = DeviceLease(*state->device);
+  } catch (...) {
+    state->deferred->Reject(to_js_error(env, capture_exception(std::current_exception())).Value());
+    return handle;
+  }
+
+  state->device_object = Napi::Persistent(info[0].As<Napi::Object>());
+  state->model_object = Napi::Persistent(info[1].As<Napi::Object>());
+  Napi::Function on_step = info[3].IsFunction() ? info[3].As<Napi::Function>() : Napi::Function();
+  auto* holder = new std::shared_ptr<RunState>(state);
+  try {
+    state->channel =
+        StepChannel::New(env, on_step, "ferry.run", 0, 1, state.get(), finalize_run, holder);
+  } catch (...) {
+    delete holder;
+    state->lease.reset();
+    throw;
+  }
+  // Registered after the channel, so it runs before the channel's own teardown hook.
+  state->cleanup_hook.emplace(env.AddCleanupHook(on_env_teardown, state.get()));
+  try {
+    state->thread = std::thread(run_thread, state);
+  } catch (const std::system_error& e) {
+    // Without a thread nobody releases the channel; do it here so the finalizer settles the run.
+    CapturedError error;
+    error.message = std::string("could not start the run thread: ") + e.what();
+    state->error = error;
+    state->lease.reset();
+    state->finished.store(true);
+    state->channel.Release();
+  }
+  return handle;
+}
+
+}  // namespace addon
+}  // namespace ferry
