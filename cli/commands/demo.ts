@@ -1,0 +1,198 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Command } from "commander";
+import type { JobResult } from "../../gen/ferry/v1/scheduler";
+import { SchedulerClient } from "../../lib/client/schedulerClient";
+import { parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
+import { formatBytes, parseBytes } from "../../lib/config/units";
+import { genModel, GEN_MODEL_FLOAT_DTYPES, type GenModelDtype } from "../../lib/model/genModel";
+import { packageRoot } from "../../lib/packageInfo";
+import { startSchedulerServer } from "../../services/scheduler/server";
+import { planFromMessage } from "../../services/scheduler/planProto";
+import { formatPlan } from "../../services/scheduler/planner/formatPlan";
+import { action } from "../action";
+import { formatStep } from "./run";
+
+interface DemoFlags {
+  blocks: string;
+  hidden: string;
+  heads: string;
+  channels: string;
+  dtype: string;
+  steps: string;
+  tokens: string;
+  vram: string;
+  linkGbps: string;
+  keep?: boolean;
+}
+
+const out = (line = "") => process.stdout.write(`${line}\n`);
+
+/** Starts `ferry executor` as a child process, as an operator would, and returns it. */
+function spawnExecutor(scheduler: string, vram: string, linkGbps: number): ChildProcess {
+  const cli = join(packageRoot(), "dist", "cli", "ferry.js");
+  return spawn(
+    process.execPath,
+    [
+      cli,
+      "executor",
+      "--scheduler",
+      scheduler,
+      "--vram",
+      vram,
+      "--link-gbps",
+      String(linkGbps),
+      "--id",
+      "demo-gpu0",
+    ],
+    { stdio: ["ignore", "inherit", "pipe"], env: process.env },
+  );
+}
+
+async function waitForExecutor(client: SchedulerClient, child: ChildProcess): Promise<void> {
+  let stderr = "";
+  child.stderr?.on("data", (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) {
+      throw new Error(
+        `the executor exited (code ${child.exitCode}) before registering:\n${stderr}`,
+      );
+    }
+    const { executors } = await client.listExecutors();
+    if (executors.length > 0) return;
+    await new Promise((done) => setTimeout(done, 100));
+  }
+  throw new Error(`the executor did not register within 30 s:\n${stderr}`);
+}
+
+/** Where the job's time went, from the executor's per-step measurements. */
+function summarize(result: JobResult): string[] {
+  const steps = result.steps;
+  const sum = (pick: (s: (typeof steps)[number]) => number, from = 0) =>
+    steps.slice(from).reduce((total, step) => total + pick(step), 0);
+  const lines = [
+    `total ${result.totalSeconds.toFixed(2)} s over ${steps.length} steps`,
+    `  step 1 (cold: reads weights from disk): ${steps[0]?.stepSeconds.toFixed(3) ?? "?"} s, ` +
+      `${formatBytes(steps[0]?.diskBytes ?? 0)} read`,
+  ];
+  if (steps.length > 1) {
+    const warm = steps.length - 1;
+    lines.push(
+      `  steps 2..${steps.length} (warm): ${(sum((s) => s.stepSeconds, 1) / warm).toFixed(3)} s per step`,
+    );
+  }
+  const step = sum((s) => s.stepSeconds);
+  const share = (seconds: number) =>
+    `${seconds.toFixed(3)} s (${((100 * seconds) / step).toFixed(0)}%)`;
+  const h2dSeconds = sum((s) => s.h2dSeconds);
+  const h2dBytes = sum((s) => s.h2dBytes);
+  lines.push(
+    `  prepare_params ${share(sum((s) => s.prepareSeconds))}`,
+    `  h2d            ${share(h2dSeconds)}, ${formatBytes(h2dBytes)}` +
+      (h2dSeconds > 0 ? `, ${(h2dBytes / h2dSeconds / 1e9).toFixed(2)} GB/s` : ""),
+    `  compute        ${share(sum((s) => s.computeSeconds))}`,
+    `  peak device memory in use: ${formatBytes(Math.max(...steps.map((s) => s.arenaPeakBytes)))}`,
+    `checksum ${result.checksum}`,
+  );
+  return lines;
+}
+
+export function register(program: Command): void {
+  program
+    .command("demo")
+    .description(
+      "the main job, embedded: a scheduler, one executor and a generated model that does not " +
+        "fit the executor's memory, run end to end on loopback",
+    )
+    .option("--blocks <n>", "model blocks", "8")
+    .option("--hidden <n>", "model hidden width", "1024")
+    .option("--heads <n>", "attention heads", "16")
+    .option("--channels <n>", "latent channels", "16")
+    .option("--dtype <type>", `weight type: ${GEN_MODEL_FLOAT_DTYPES.join(", ")}`, "f32")
+    .option("--steps <n>", "sampling steps", "4")
+    .option("--tokens <n>", "tokens per sample", "64")
+    .option("--vram <size>", "the executor's device memory", "768MiB")
+    .option("--link-gbps <rate>", "emulated host→device link, GB/s (0 = memory speed)", "8")
+    .option("--keep", "keep the generated model")
+    .action(
+      action("demo", async (flags: DemoFlags) => {
+        if (!(GEN_MODEL_FLOAT_DTYPES as readonly string[]).includes(flags.dtype)) {
+          throw new Error(`--dtype must be one of ${GEN_MODEL_FLOAT_DTYPES.join(", ")}`);
+        }
+        const linkGbps = parseNumberFlag("--link-gbps", flags.linkGbps, 0, 10_000);
+        parseBytes(flags.vram);
+        const dir = await mkdtemp(join(tmpdir(), "ferry-demo-"));
+        const modelPath = join(dir, "demo-dit.safetensors");
+        let executor: ChildProcess | undefined;
+        let server: Awaited<ReturnType<typeof startSchedulerServer>> | undefined;
+        let client: SchedulerClient | undefined;
+        try {
+          out(`1. generating a synthetic DiT model in ${dir}`);
+          let lastPercent = -10;
+          const model = await genModel(modelPath, {
+            blocks: parseIntegerFlag("--blocks", flags.blocks, 1, 10_000),
+            hidden: parseIntegerFlag("--hidden", flags.hidden, 1, 65_536),
+            heads: parseIntegerFlag("--heads", flags.heads, 1, 1024),
+            channels: parseIntegerFlag("--channels", flags.channels, 1, 65_536),
+            dtype: flags.dtype as GenModelDtype,
+            onProgress: (written, total) => {
+              const percent = Math.floor((100 * written) / total);
+              if (percent >= lastPercent + 10) {
+                lastPercent = percent;
+                process.stderr.write(`   ${percent}% of ${formatBytes(total)}\n`);
+              }
+            },
+          });
+          out(
+            `   ${model.config.blocks} blocks × hidden ${model.config.hidden}, ${flags.dtype}: ` +
+              `${(model.params / 1e6).toFixed(1)} M params, ${formatBytes(model.bytes)}`,
+          );
+
+          server = await startSchedulerServer({ listen: "127.0.0.1:0", log: () => {} });
+          out(`2. scheduler listening on ${server.address}`);
+          executor = spawnExecutor(server.address, flags.vram, linkGbps);
+          client = new SchedulerClient(server.address);
+          await waitForExecutor(client, executor);
+          out(
+            `3. executor demo-gpu0 connected: CPU device with ${flags.vram} of device memory` +
+              (linkGbps > 0 ? `, emulated ${linkGbps} GB/s host→device link` : ""),
+          );
+
+          const spec = {
+            modelPath,
+            steps: parseIntegerFlag("--steps", flags.steps, 1, 10_000),
+            batch: 1,
+            tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_000_000),
+            seed: 0,
+            maxVramGib: undefined,
+            policy: "sdcpp",
+            noStream: false,
+            executorId: "",
+          };
+          const { plan } = await client.getPlan(spec);
+          out(`4. the plan (model ${formatBytes(model.bytes)} vs device ${flags.vram}):`);
+          for (const line of formatPlan(planFromMessage(plan!)).split("\n")) out(`   ${line}`);
+
+          out(`5. running ${spec.steps} steps`);
+          const result = await client.runJob(spec, (progress) => out(`   ${formatStep(progress)}`));
+          out("6. where the time went");
+          for (const line of summarize(result)) out(`   ${line}`);
+        } finally {
+          client?.close();
+          if (executor && executor.exitCode === null) {
+            const exited = new Promise((done) => executor!.once("exit", done));
+            executor.kill("SIGTERM");
+            await exited;
+          }
+          await server?.close(1000);
+          if (!flags.keep) await rm(dir, { recursive: true, force: true });
+          else out(`model kept at ${modelPath}`);
+        }
+      }),
+    );
+}

@@ -1,0 +1,56 @@
+import type { Command } from "commander";
+import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
+import { parseBytes } from "../../lib/config/units";
+import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
+import { Executor } from "../../services/executor/executor";
+import { action, onShutdownSignal } from "../action";
+
+interface ExecutorFlags {
+  scheduler: string;
+  device: string;
+  vram: string;
+  linkGbps: string;
+  threads: string;
+  id?: string;
+}
+
+export function register(program: Command): void {
+  const defaults = ferryDefaults();
+  program
+    .command("executor")
+    .description("run an executor: owns one device, connects to the scheduler, runs its plans")
+    .option("--scheduler <host:port>", "scheduler address (FERRY_SCHEDULER)", defaults.scheduler)
+    .option("--device <kind>", "device kind: cpu (FERRY_DEVICE)", defaults.device)
+    .option("--vram <size>", "device memory, e.g. 2GiB, 768MiB (FERRY_VRAM)", defaults.vram)
+    .option(
+      "--link-gbps <rate>",
+      "emulate a host→device link of this many GB/s; 0 = memory speed (FERRY_LINK_GBPS)",
+      defaults.linkGbps,
+    )
+    .option("--threads <n>", "kernel threads; 0 = one per core (FERRY_THREADS)", defaults.threads)
+    .option("--id <id>", "executor id (FERRY_EXECUTOR_ID)", defaults.executorId)
+    .action(
+      action("executor", async (options: ExecutorFlags) => {
+        if (options.device !== "cpu") {
+          throw new Error(`--device ${options.device} is not available in this build (use cpu)`);
+        }
+        setupTracing("ferry-executor");
+        const executor = new Executor({
+          scheduler: options.scheduler,
+          device: "cpu",
+          vramBytes: parseBytes(options.vram),
+          linkGbps: parseNumberFlag("--link-gbps", options.linkGbps, 0, 10_000),
+          threads: parseIntegerFlag("--threads", options.threads, 0, 1024),
+          id: options.id,
+        });
+        executor.start();
+        process.stderr.write(
+          `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${options.scheduler}\n`,
+        );
+        onShutdownSignal(async () => {
+          await executor.stop();
+          await shutdownTracing();
+        });
+      }),
+    );
+}

@@ -1,0 +1,373 @@
+import { createHash, randomUUID } from "node:crypto";
+import { stat } from "node:fs/promises";
+import { hostname } from "node:os";
+import { credentials, type ClientDuplexStream } from "@grpc/grpc-js";
+import {
+  ConnectRequest,
+  JobResult,
+  JobState,
+  SchedulerServiceClient,
+  type ConnectResponse,
+  type DeviceInfo,
+  type RunJob,
+  type StepStats,
+} from "../../gen/ferry/v1/scheduler";
+import { ferryVersion } from "../../lib/packageInfo";
+import { contextFromTraceparent } from "../../lib/telemetry/tracing";
+import { GRPC_MESSAGE_LIMIT } from "../scheduler/server";
+import { statusName, toStatusError } from "../scheduler/statusError";
+import { loadAddon, mapNativeError } from "./native/addon";
+import type { NativeDevice, NativeModel, NativeRun, NativeStepReport } from "./native/AddonTypes";
+import { recordStepSpans } from "./stepSpans";
+
+export interface ExecutorOptions {
+  /** The scheduler's HOST:PORT. */
+  scheduler: string;
+  /** Device kind. Only "cpu" runs everywhere. @default "cpu" */
+  device?: "cpu" | "cuda";
+  /** Device memory (the CPU device's arena capacity), bytes. */
+  vramBytes: number;
+  /** Emulated host→device link rate, GB/s; 0 = copy at memory speed. @default 0 */
+  linkGbps?: number;
+  /** Kernel threads; 0 = one per core. @default 0 */
+  threads?: number;
+  /** Executor id; defaults to host name + a random suffix. */
+  id?: string;
+  /** How many opened models (and their host params caches) to keep warm. @default 2 */
+  maxWarmModels?: number;
+  log?: (line: string) => void;
+}
+
+interface WarmModel {
+  model: NativeModel;
+  mtimeMs: number;
+  size: number;
+}
+
+type Lifecycle = "starting" | "running" | "draining" | "stopped";
+
+/**
+ * An executor process's runtime: owns the native device, dials the scheduler's Connect stream,
+ * registers, heartbeats, and runs the jobs it is sent (one at a time) in native code.
+ * Reconnects with backoff if the scheduler goes away.
+ */
+export class Executor {
+  readonly id: string;
+  private readonly addon = loadAddon();
+  private readonly device: NativeDevice;
+  private readonly client: SchedulerServiceClient;
+  private readonly log: (line: string) => void;
+  private readonly warm = new Map<string, WarmModel>();
+  private stream: ClientDuplexStream<ConnectRequest, ConnectResponse> | undefined;
+  private heartbeat: NodeJS.Timeout | undefined;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private reconnectDelayMs = 250;
+  private current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } | undefined;
+  private lifecycle: Lifecycle = "starting";
+  private registeredResolve: (() => void) | undefined;
+  /** Resolves once the scheduler has acknowledged the first registration. */
+  readonly registered: Promise<void>;
+
+  constructor(private readonly options: ExecutorOptions) {
+    this.log = options.log ?? ((line) => console.error(line));
+    this.id = options.id ?? `${hostname()}-${randomUUID().slice(0, 6)}`;
+    if ((options.device ?? "cpu") !== "cpu") {
+      throw new Error(
+        `device '${options.device}' is not available in this build; use --device cpu`,
+      );
+    }
+    this.device = new this.addon.CpuDevice({
+      capacityBytes: options.vramBytes,
+      linkGbps: options.linkGbps ?? 0,
+      threads: options.threads ?? 0,
+    });
+    this.client = new SchedulerServiceClient(options.scheduler, credentials.createInsecure(), {
+      "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
+      "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
+    });
+    this.registered = new Promise((resolveRegistered) => {
+      this.registeredResolve = resolveRegistered;
+    });
+  }
+
+  deviceInfo(): DeviceInfo {
+    const info = this.device.info();
+    return {
+      name: info.name,
+      kind: info.kind,
+      totalBytes: info.totalBytes,
+      freeBytes: info.freeBytes,
+      h2dGbps: info.linkGbps,
+      threads: info.threads,
+    };
+  }
+
+  start(): void {
+    if (this.lifecycle !== "starting") return;
+    this.lifecycle = "running";
+    this.connect();
+  }
+
+  private connect(): void {
+    if (this.lifecycle !== "running") return;
+    const stream = this.client.connect();
+    this.stream = stream;
+    stream.on("data", (message: ConnectResponse) => this.onMessage(message));
+    const lost = (why: string) => {
+      if (this.stream !== stream) return;
+      this.stream = undefined;
+      clearInterval(this.heartbeat);
+      this.heartbeat = undefined;
+      if (this.lifecycle !== "running") return;
+      this.log(`ferry executor ${this.id}: lost the scheduler (${why}); reconnecting`);
+      // A job the scheduler no longer knows about is not worth finishing.
+      this.cancelCurrent();
+      this.reconnectTimer = setTimeout(() => this.connect(), this.reconnectDelayMs);
+      this.reconnectDelayMs = Math.min(this.reconnectDelayMs * 2, 5000);
+    };
+    stream.on("error", (error: Error) => lost(error.message));
+    stream.on("end", () => lost("stream ended"));
+    stream.write(
+      ConnectRequest.fromPartial({
+        message: {
+          $case: "register",
+          value: { executorId: this.id, device: this.deviceInfo(), version: ferryVersion() },
+        },
+      }),
+    );
+  }
+
+  private send(message: ConnectRequest["message"]): void {
+    this.stream?.write(ConnectRequest.fromPartial({ message }));
+  }
+
+  private onMessage(message: ConnectResponse): void {
+    const body = message.message;
+    if (!body) return;
+    switch (body.$case) {
+      case "registered": {
+        this.reconnectDelayMs = 250;
+        clearInterval(this.heartbeat);
+        this.heartbeat = setInterval(
+          () =>
+            this.send({
+              $case: "heartbeat",
+              value: { freeBytes: this.device.info().freeBytes },
+            }),
+          body.value.heartbeatIntervalMs || 1000,
+        );
+        this.heartbeat.unref();
+        this.log(`ferry executor ${this.id}: registered with ${this.options.scheduler}`);
+        this.registeredResolve?.();
+        break;
+      }
+      case "runJob":
+        void this.runJob(body.value);
+        break;
+      case "cancelRun":
+        if (this.current?.jobId === body.value.jobId) this.cancelCurrent();
+        break;
+    }
+  }
+
+  private cancelCurrent(): void {
+    if (!this.current) return;
+    this.current.cancelled = true;
+    this.current.run?.cancel();
+  }
+
+  /** Opens a model, or reuses the warm one (its host params cache included) if unchanged. */
+  private async openModel(path: string): Promise<NativeModel> {
+    const info = await stat(path);
+    const cached = this.warm.get(path);
+    if (cached && cached.mtimeMs === info.mtimeMs && cached.size === info.size) {
+      // Refresh its place in the LRU order.
+      this.warm.delete(path);
+      this.warm.set(path, cached);
+      return cached.model;
+    }
+    if (cached) {
+      cached.model.dispose();
+      this.warm.delete(path);
+    }
+    const model = await this.addon.openModel(path).catch((error: unknown) => {
+      throw mapNativeError(error);
+    });
+    this.warm.set(path, { model, mtimeMs: info.mtimeMs, size: info.size });
+    const limit = this.options.maxWarmModels ?? 2;
+    for (const [oldPath, old] of this.warm) {
+      if (this.warm.size <= limit) break;
+      old.model.dispose();
+      this.warm.delete(oldPath);
+    }
+    return model;
+  }
+
+  private async runJob(request: RunJob): Promise<void> {
+    const { jobId, spec, plan } = request;
+    if (this.current) {
+      this.sendResult(jobId, JobState.JOB_STATE_FAILED, {
+        code: "UNAVAILABLE",
+        message: `executor ${this.id} is busy with job ${this.current.jobId}`,
+      });
+      return;
+    }
+    const current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } = {
+      jobId,
+      run: undefined,
+      cancelled: false,
+    };
+    this.current = current;
+    const parent = contextFromTraceparent(request.traceparent);
+    const steps: StepStats[] = [];
+    const started = performance.now();
+    try {
+      if (!spec || !plan) throw new Error("RunJob without a spec or a plan");
+      const model = await this.openModel(spec.modelPath);
+      if (current.cancelled)
+        throw Object.assign(new Error("cancelled"), { name: "CancelledError" });
+      const names = model.info().baseSegments.map((segment) => segment.name);
+      if (names.join(",") !== plan.baseSegmentNames.join(",")) {
+        throw Object.assign(
+          new Error(
+            `the plan's base segments (${plan.baseSegmentNames.length}) do not match the model's (${names.length}); was the file changed?`,
+          ),
+          { name: "InvalidArgumentError" },
+        );
+      }
+      const run = this.addon.startRun(
+        this.device,
+        model,
+        {
+          batch: spec.batch || 1,
+          tokens: spec.tokens || 64,
+          steps: spec.steps,
+          seed: spec.seed,
+          segments: plan.segments.map((segment) => ({
+            firstBase: segment.firstBase,
+            lastBase: segment.lastBase,
+            resident: segment.resident,
+            computeBufferBytes: segment.computeBufferBytes,
+          })),
+        },
+        (report: NativeStepReport) => {
+          recordStepSpans(parent, jobId, report);
+          const stats = stepStatsOf(report);
+          steps.push(stats);
+          this.send({
+            $case: "jobUpdate",
+            value: {
+              update: {
+                $case: "progress",
+                value: { jobId, steps: spec.steps, stats },
+              },
+            },
+          });
+        },
+      );
+      current.run = run;
+      if (current.cancelled) run.cancel();
+      const output = await run.done.catch((error: unknown) => {
+        throw mapNativeError(error);
+      });
+      const bytes = Buffer.from(
+        output.output.buffer,
+        output.output.byteOffset,
+        output.output.byteLength,
+      );
+      this.stream?.write(
+        ConnectRequest.fromPartial({
+          message: {
+            $case: "jobUpdate",
+            value: {
+              update: {
+                $case: "result",
+                value: JobResult.fromPartial({
+                  jobId,
+                  state: JobState.JOB_STATE_SUCCEEDED,
+                  checksum: createHash("sha256").update(bytes).digest("hex"),
+                  output: bytes,
+                  outputShape: output.shape,
+                  steps,
+                  totalSeconds: (performance.now() - started) / 1000,
+                  executorId: this.id,
+                }),
+              },
+            },
+          },
+        }),
+      );
+    } catch (error) {
+      const status = toStatusError(error, this.log);
+      const state =
+        statusName(status.code) === "CANCELLED"
+          ? JobState.JOB_STATE_CANCELLED
+          : JobState.JOB_STATE_FAILED;
+      this.sendResult(
+        jobId,
+        state,
+        { code: statusName(status.code), message: status.message },
+        steps,
+      );
+    } finally {
+      if (this.current === current) this.current = undefined;
+    }
+  }
+
+  private sendResult(
+    jobId: string,
+    state: JobState,
+    error: { code: string; message: string },
+    steps: StepStats[] = [],
+  ): void {
+    this.send({
+      $case: "jobUpdate",
+      value: {
+        update: {
+          $case: "result",
+          value: JobResult.fromPartial({ jobId, state, error, steps, executorId: this.id }),
+        },
+      },
+    });
+  }
+
+  /** running → draining → stopped: finish (or after `graceMs`, cancel) the job, then dispose. */
+  async stop(graceMs = 5000): Promise<void> {
+    if (this.lifecycle === "stopped" || this.lifecycle === "draining") return;
+    this.lifecycle = "draining";
+    clearTimeout(this.reconnectTimer);
+    const deadline = Date.now() + graceMs;
+    while (this.current && Date.now() < deadline) {
+      await new Promise((resolveWait) => setTimeout(resolveWait, 20));
+    }
+    if (this.current) {
+      this.cancelCurrent();
+      while (this.current) await new Promise((resolveWait) => setTimeout(resolveWait, 20));
+    }
+    clearInterval(this.heartbeat);
+    this.stream?.end();
+    this.stream = undefined;
+    this.client.close();
+    for (const { model } of this.warm.values()) model.dispose();
+    this.warm.clear();
+    this.device.dispose();
+    this.lifecycle = "stopped";
+  }
+}
+
+function stepStatsOf(report: NativeStepReport): StepStats {
+  const seconds = (kind: string) =>
+    report.events
+      .filter((event) => event.kind === kind)
+      .reduce((sum, event) => sum + (event.endUs - event.startUs) / 1e6, 0);
+  return {
+    step: report.step,
+    stepSeconds: (report.stepEndUs - report.stepStartUs) / 1e6,
+    prepareSeconds: seconds("prepare_params"),
+    h2dSeconds: seconds("h2d"),
+    computeSeconds: seconds("compute"),
+    h2dBytes: report.h2dBytes,
+    diskBytes: report.diskBytes,
+    arenaPeakBytes: report.arenaPeakBytes,
+  };
+}

@@ -1,0 +1,437 @@
+import { randomUUID } from "node:crypto";
+import { access, constants } from "node:fs/promises";
+import { resolve } from "node:path";
+import { status, type ServerDuplexStream } from "@grpc/grpc-js";
+import { ROOT_CONTEXT, SpanStatusCode, trace, type Context } from "@opentelemetry/api";
+import {
+  ConnectResponse,
+  JobResult,
+  JobState,
+  type ConnectRequest,
+  type DeviceInfo,
+  type ExecutorInfo,
+  type JobSpec,
+  type JobUpdate,
+  type Plan as PlanMessage,
+} from "../../gen/ferry/v1/scheduler";
+import { modelProfileFromFile } from "../../lib/model/segments";
+import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
+import { Job, type ResolvedJobSpec } from "./jobs";
+import { deviceProfileOf, planToMessage } from "./planProto";
+import { planJob } from "./planner/planJob";
+import type { PlanOptions, PolicyName } from "./planner/types";
+import { StatusError, statusName, toStatusError } from "./statusError";
+
+export const DEFAULT_TOKENS = 64;
+const KNOWN_POLICIES: PolicyName[] = ["sdcpp"];
+const MAX_STEPS = 1_000_000;
+
+type ExecutorStream = ServerDuplexStream<ConnectRequest, ConnectResponse>;
+
+/** One executor's live connection and the work queued on it. */
+export class ExecutorConnection {
+  lastHeartbeatMs = Date.now();
+  running: Job | undefined;
+  readonly queue: Job[] = [];
+  readonly warmModels = new Set<string>();
+
+  constructor(
+    readonly id: string,
+    public device: DeviceInfo,
+    readonly stream: ExecutorStream,
+  ) {}
+
+  send(message: ConnectResponse["message"]): void {
+    this.stream.write(ConnectResponse.fromPartial({ message }));
+  }
+
+  load(): number {
+    return this.queue.length + (this.running ? 1 : 0);
+  }
+
+  info(): ExecutorInfo {
+    return {
+      executorId: this.id,
+      device: this.device,
+      lastHeartbeatMs: this.lastHeartbeatMs,
+      runningJobId: this.running?.id ?? "",
+      warmModels: [...this.warmModels],
+    };
+  }
+}
+
+export interface SchedulerOptions {
+  /** How often executors heartbeat. @default 1000 */
+  heartbeatIntervalMs?: number;
+  /** An executor silent for this many intervals is declared dead. @default 5 */
+  heartbeatMissLimit?: number;
+  log?: (line: string) => void;
+}
+
+/**
+ * The scheduler's state and rules, independent of gRPC: executors, jobs, placement, planning.
+ * Each executor runs one job at a time; jobs wait in that executor's FIFO queue.
+ */
+export class Scheduler {
+  private readonly executors = new Map<string, ExecutorConnection>();
+  private readonly jobs = new Map<string, Job>();
+  private readonly heartbeatIntervalMs: number;
+  private readonly heartbeatMissLimit: number;
+  private readonly log: (line: string) => void;
+  private readonly monitor: NodeJS.Timeout;
+  private draining = false;
+
+  constructor(options: SchedulerOptions = {}) {
+    this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? 1000;
+    this.heartbeatMissLimit = options.heartbeatMissLimit ?? 5;
+    this.log = options.log ?? ((line) => console.error(line));
+    this.monitor = setInterval(() => this.reapSilentExecutors(), this.heartbeatIntervalMs);
+    this.monitor.unref();
+  }
+
+  // ---- executors ----
+
+  /** Handles one executor's Connect stream for its whole life. */
+  attachExecutor(stream: ExecutorStream): void {
+    let connection: ExecutorConnection | undefined;
+    stream.on("data", (request: ConnectRequest) => {
+      try {
+        const message = request.message;
+        if (!message) return;
+        if (message.$case === "register") {
+          if (connection) return;
+          connection = this.register(stream, message.value.executorId, message.value.device);
+        } else if (!connection) {
+          stream.destroy(
+            new StatusError(status.FAILED_PRECONDITION, "send Register before anything else"),
+          );
+        } else if (message.$case === "heartbeat") {
+          connection.lastHeartbeatMs = Date.now();
+          if (connection.device) connection.device.freeBytes = message.value.freeBytes;
+        } else if (message.$case === "jobUpdate") {
+          connection.lastHeartbeatMs = Date.now();
+          this.onJobUpdate(connection, message.value);
+        }
+      } catch (error) {
+        this.log(`ferry scheduler: bad message from executor: ${String(error)}`);
+      }
+    });
+    const detach = (reason: string) => {
+      if (connection && this.executors.get(connection.id) === connection) {
+        this.onExecutorGone(connection, reason);
+      }
+      connection = undefined;
+    };
+    stream.on("end", () => {
+      detach("closed its stream");
+      stream.end();
+    });
+    stream.on("error", (error: Error) => detach(`stream failed: ${error.message}`));
+    stream.on("cancelled", () => detach("went away"));
+    stream.on("close", () => detach("went away"));
+  }
+
+  private register(
+    stream: ExecutorStream,
+    requestedId: string,
+    device: DeviceInfo | undefined,
+  ): ExecutorConnection {
+    if (!device) {
+      throw new StatusError(status.INVALID_ARGUMENT, "Register must describe the device");
+    }
+    let id = requestedId || `executor-${randomUUID().slice(0, 8)}`;
+    // A reconnecting executor may reuse its id while its old stream is being reaped.
+    const previous = this.executors.get(id);
+    if (previous) this.onExecutorGone(previous, "was replaced by a new connection with its id");
+    if (this.executors.has(id)) id = `${id}-${randomUUID().slice(0, 4)}`;
+    const connection = new ExecutorConnection(id, device, stream);
+    this.executors.set(id, connection);
+    connection.send({
+      $case: "registered",
+      value: { executorId: id, heartbeatIntervalMs: this.heartbeatIntervalMs },
+    });
+    this.log(
+      `ferry scheduler: executor ${id} registered (${device.name}, ${device.totalBytes} bytes)`,
+    );
+    return connection;
+  }
+
+  private onExecutorGone(connection: ExecutorConnection, reason: string): void {
+    this.executors.delete(connection.id);
+    this.log(`ferry scheduler: executor ${connection.id} ${reason}`);
+    const running = connection.running;
+    connection.running = undefined;
+    if (running) {
+      const step = running.progress.length;
+      this.finishJob(running, {
+        state: JobState.JOB_STATE_FAILED,
+        code: status.UNAVAILABLE,
+        message: `executor ${connection.id} ${reason} while running the job (after step ${step} of ${running.spec.steps})`,
+      });
+    }
+    // Queued work is not lost: it moves to another executor, or fails if there is none.
+    const queued = connection.queue.splice(0);
+    for (const job of queued) {
+      void this.replace(job);
+    }
+  }
+
+  private async replace(job: Job): Promise<void> {
+    try {
+      const target = this.pickExecutor(job.spec);
+      job.plan = await this.planFor(job.spec, target);
+      job.executorId = target.id;
+      target.queue.push(job);
+      this.dispatch(target);
+    } catch (error) {
+      const err = toStatusError(error, this.log);
+      this.finishJob(job, {
+        state: JobState.JOB_STATE_FAILED,
+        code: err.code,
+        message: err.message,
+      });
+    }
+  }
+
+  private reapSilentExecutors(): void {
+    const deadline = Date.now() - this.heartbeatIntervalMs * this.heartbeatMissLimit;
+    for (const connection of [...this.executors.values()]) {
+      if (connection.lastHeartbeatMs < deadline) {
+        this.onExecutorGone(connection, "stopped heartbeating");
+        connection.stream.destroy(
+          new StatusError(status.DEADLINE_EXCEEDED, "no heartbeat; reconnect"),
+        );
+      }
+    }
+  }
+
+  listExecutors(): ExecutorInfo[] {
+    return [...this.executors.values()].map((connection) => connection.info());
+  }
+
+  // ---- jobs ----
+
+  /** Validates a spec and fills in the defaults. */
+  resolveSpec(spec: JobSpec | undefined): ResolvedJobSpec {
+    if (!spec) throw new StatusError(status.INVALID_ARGUMENT, "the request has no job spec");
+    if (!spec.modelPath) throw new StatusError(status.INVALID_ARGUMENT, "model_path is required");
+    if (!Number.isInteger(spec.steps) || spec.steps < 1 || spec.steps > MAX_STEPS) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `steps must be between 1 and ${MAX_STEPS} (got ${spec.steps})`,
+      );
+    }
+    const policy = spec.policy || "sdcpp";
+    if (!KNOWN_POLICIES.includes(policy as PolicyName)) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `unknown policy '${policy}' (known: ${KNOWN_POLICIES.join(", ")})`,
+      );
+    }
+    if (spec.maxVramGib !== undefined && !Number.isFinite(spec.maxVramGib)) {
+      throw new StatusError(status.INVALID_ARGUMENT, "max_vram_gib must be a finite number");
+    }
+    return {
+      ...spec,
+      modelPath: resolve(spec.modelPath),
+      policy,
+      batch: spec.batch || 1,
+      tokens: spec.tokens || DEFAULT_TOKENS,
+    };
+  }
+
+  /** Plans a spec for one executor's device. */
+  async planFor(spec: ResolvedJobSpec, executor: ExecutorConnection): Promise<PlanMessage> {
+    await access(spec.modelPath, constants.R_OK);
+    const model = await modelProfileFromFile(spec.modelPath, {
+      batch: spec.batch,
+      tokens: spec.tokens,
+    });
+    const options: PlanOptions = {
+      policy: spec.policy as PolicyName,
+      stream: !spec.noStream,
+      maxVramGiB: spec.maxVramGib,
+    };
+    return planToMessage(planJob(model, deviceProfileOf(executor.device), options));
+  }
+
+  /**
+   * Chooses the executor for a job: the one asked for, else the least loaded, preferring one
+   * where the model is already warm.
+   */
+  pickExecutor(spec: ResolvedJobSpec): ExecutorConnection {
+    if (spec.executorId) {
+      const chosen = this.executors.get(spec.executorId);
+      if (!chosen) {
+        throw new StatusError(status.NOT_FOUND, `no executor with id '${spec.executorId}'`);
+      }
+      return chosen;
+    }
+    const candidates = [...this.executors.values()];
+    if (candidates.length === 0) {
+      throw new StatusError(
+        status.UNAVAILABLE,
+        "no executor is connected; start one with `ferry executor --scheduler HOST:PORT`",
+      );
+    }
+    candidates.sort(
+      (a, b) =>
+        a.load() - b.load() ||
+        Number(b.warmModels.has(spec.modelPath)) - Number(a.warmModels.has(spec.modelPath)) ||
+        a.id.localeCompare(b.id),
+    );
+    return candidates[0];
+  }
+
+  async getPlan(
+    spec: JobSpec | undefined,
+  ): Promise<{ plan: PlanMessage; executor: ExecutorConnection }> {
+    const resolved = this.resolveSpec(spec);
+    const executor = this.pickExecutor(resolved);
+    return { plan: await this.planFor(resolved, executor), executor };
+  }
+
+  async submit(spec: JobSpec | undefined, parent: Context): Promise<Job> {
+    if (this.draining) {
+      throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
+    }
+    const resolved = this.resolveSpec(spec);
+    const executor = this.pickExecutor(resolved);
+    const plan = await this.planFor(resolved, executor);
+    const id = `job-${randomUUID().slice(0, 8)}`;
+    const span = ferryTracer().startSpan(
+      "ferry.job",
+      {
+        attributes: {
+          "ferry.job.id": id,
+          "ferry.model": resolved.modelPath,
+          "ferry.steps": resolved.steps,
+          "ferry.batch": resolved.batch,
+          "ferry.tokens": resolved.tokens,
+          "ferry.policy": resolved.policy,
+          "ferry.executor.id": executor.id,
+          "ferry.resident_bytes": plan.residentBytes,
+          "ferry.streamed_bytes_per_step": plan.streamedBytesPerStep,
+        },
+      },
+      parent,
+    );
+    const job = new Job(id, resolved, executor.id, plan, span);
+    this.jobs.set(id, job);
+    executor.queue.push(job);
+    this.dispatch(executor);
+    return job;
+  }
+
+  private dispatch(executor: ExecutorConnection): void {
+    if (executor.running) return;
+    const job = executor.queue.shift();
+    if (!job) return;
+    executor.running = job;
+    job.state = JobState.JOB_STATE_RUNNING;
+    job.executorId = executor.id;
+    executor.send({
+      $case: "runJob",
+      value: {
+        jobId: job.id,
+        spec: job.spec,
+        plan: job.plan,
+        traceparent: traceparentOf(trace.setSpan(ROOT_CONTEXT, job.span)),
+      },
+    });
+  }
+
+  private onJobUpdate(executor: ExecutorConnection, update: JobUpdate): void {
+    const body = update.update;
+    if (!body) return;
+    const job = this.jobs.get(body.value.jobId);
+    if (!job || job.executorId !== executor.id) return;
+    if (body.$case === "progress") {
+      job.addProgress(body.value);
+      return;
+    }
+    executor.warmModels.add(job.spec.modelPath);
+    if (executor.running === job) executor.running = undefined;
+    this.completeJob(job, { ...body.value, executorId: executor.id });
+    this.dispatch(executor);
+  }
+
+  getJob(id: string): Job {
+    const job = this.jobs.get(id);
+    if (!job) throw new StatusError(status.NOT_FOUND, `no job with id '${id}'`);
+    return job;
+  }
+
+  cancel(id: string): JobState {
+    const job = this.getJob(id);
+    if (job.finished) return job.state;
+    const executor = this.executors.get(job.executorId);
+    const queuedAt = executor?.queue.indexOf(job) ?? -1;
+    if (executor && queuedAt >= 0) {
+      executor.queue.splice(queuedAt, 1);
+      this.finishJob(job, {
+        state: JobState.JOB_STATE_CANCELLED,
+        code: status.CANCELLED,
+        message: "cancelled before it started",
+      });
+    } else if (executor?.running === job) {
+      // The executor stops at the next segment boundary and reports CANCELLED.
+      executor.send({ $case: "cancelRun", value: { jobId: job.id } });
+    }
+    return job.state;
+  }
+
+  private finishJob(job: Job, outcome: { state: JobState; code: status; message: string }): void {
+    this.completeJob(
+      job,
+      JobResult.fromPartial({
+        jobId: job.id,
+        state: outcome.state,
+        error: { code: statusName(outcome.code), message: outcome.message },
+        executorId: job.executorId,
+      }),
+    );
+  }
+
+  private completeJob(job: Job, result: JobResult): void {
+    if (!job.finish(result)) return;
+    const span = job.span;
+    span.setAttribute("ferry.job.state", JobState[result.state] ?? String(result.state));
+    if (result.state === JobState.JOB_STATE_SUCCEEDED) {
+      span.setAttribute("ferry.checksum", result.checksum);
+    } else {
+      const message = result.error?.message ?? "job failed";
+      span.recordException({ name: result.error?.code ?? "Error", message });
+      span.setStatus({ code: SpanStatusCode.ERROR, message });
+    }
+    span.end();
+  }
+
+  // ---- shutdown ----
+
+  /** Stops taking jobs; waits up to `graceMs` for running ones, then fails what is left. */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    const deadline = Date.now() + graceMs;
+    for (const job of this.jobs.values()) {
+      if (job.finished) continue;
+      const executor = this.executors.get(job.executorId);
+      if (executor && executor.queue.includes(job)) this.cancel(job.id);
+    }
+    while (Date.now() < deadline && [...this.jobs.values()].some((job) => !job.finished)) {
+      await new Promise((resolveWait) => setTimeout(resolveWait, 50));
+    }
+    for (const job of this.jobs.values()) {
+      if (!job.finished) {
+        this.finishJob(job, {
+          state: JobState.JOB_STATE_FAILED,
+          code: status.UNAVAILABLE,
+          message: "the scheduler shut down before the job finished",
+        });
+      }
+    }
+    clearInterval(this.monitor);
+    for (const connection of this.executors.values()) connection.stream.end();
+    this.executors.clear();
+  }
+}
