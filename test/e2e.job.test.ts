@@ -31,6 +31,9 @@ describe("a job end to end", () => {
   });
 
   const spec = (overrides: Partial<JobSpec>): JobSpec => ({
+    paramsBackend: "",
+    load: "",
+    verify: false,
     modelPath,
     steps: 3,
     batch: 2,

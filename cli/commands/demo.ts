@@ -173,6 +173,9 @@ export function register(program: Command): void {
             policy: "sdcpp",
             noStream: false,
             executorId: "",
+            paramsBackend: "",
+            load: "",
+            verify: false,
           };
           const { plan } = await client.getPlan(spec);
           out(`4. the plan (model ${formatBytes(model.bytes)} vs device ${flags.vram}):`);

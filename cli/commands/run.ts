@@ -97,6 +97,9 @@ export function register(program: Command): void {
             policy: flags.policy,
             noStream: !flags.stream,
             executorId: flags.executor ?? "",
+            paramsBackend: "",
+            load: "",
+            verify: false,
           };
           let submitted: SubmitJobResponse | undefined;
           const result = await client.runJob(

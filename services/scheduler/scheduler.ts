@@ -102,7 +102,8 @@ export class Scheduler {
           if (connection) return;
           connection = this.register(stream, message.value.executorId, message.value.device);
         } else if (!connection) {
-          stream.destroy(
+          stream.emit(
+            "error",
             new StatusError(status.FAILED_PRECONDITION, "send Register before anything else"),
           );
         } else if (message.$case === "heartbeat") {
@@ -198,7 +199,8 @@ export class Scheduler {
     for (const connection of [...this.executors.values()]) {
       if (connection.lastHeartbeatMs < deadline) {
         this.onExecutorGone(connection, "stopped heartbeating");
-        connection.stream.destroy(
+        connection.stream.emit(
+          "error",
           new StatusError(status.DEADLINE_EXCEEDED, "no heartbeat; reconnect"),
         );
       }

@@ -80,7 +80,8 @@ function serviceImplementation(scheduler: Scheduler, log: (line: string) => void
       try {
         job = scheduler.getJob(call.request.jobId);
       } catch (error) {
-        call.destroy(toStatusError(error, log));
+        // grpc-js sends an 'error' event's status to the client and ends the call.
+        call.emit("error", toStatusError(error, log));
         return;
       }
       for (const event of job.history()) call.write(event);

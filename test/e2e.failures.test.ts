@@ -1,0 +1,123 @@
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
+import { genModel } from "../lib/model/genModel";
+import { startSchedulerServer } from "../services/scheduler/server";
+import { startCluster, type Cluster } from "./helpers/cluster";
+
+const baseSpec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
+  modelPath,
+  steps: 2,
+  batch: 1,
+  tokens: 8,
+  seed: 0,
+  maxVramGib: undefined,
+  policy: "sdcpp",
+  noStream: false,
+  executorId: "",
+  paramsBackend: "",
+  load: "",
+  verify: false,
+  ...overrides,
+});
+
+const codeOf = (error: unknown) => (error as FerryClientError).code;
+
+describe("bad input and failures get clear errors, and no job is lost", () => {
+  let dir: string;
+  let modelPath: string;
+  let cluster: Cluster;
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), "ferry-failures-"));
+    modelPath = join(dir, "tiny.safetensors");
+    await genModel(modelPath, { blocks: 2, hidden: 32, heads: 2, channels: 4 });
+    cluster = await startCluster([
+      { id: "a-gpu", vram: "2GiB" },
+      { id: "b-gpu", vram: "2GiB" },
+    ]);
+  });
+
+  afterAll(async () => {
+    await cluster?.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("says no executor is connected", async () => {
+    const server = await startSchedulerServer({ listen: "127.0.0.1:0", log: () => {} });
+    const client = new SchedulerClient(server.address);
+    try {
+      const error = await client.submitJob(baseSpec(modelPath)).catch((e: unknown) => e);
+      expect(codeOf(error)).toBe("UNAVAILABLE");
+      expect((error as Error).message).toMatch(/no executor/);
+    } finally {
+      client.close();
+      await server.close(100);
+    }
+  });
+
+  it("rejects a truncated model file, naming it", async () => {
+    const truncated = join(dir, "truncated.safetensors");
+    const bytes = await readFile(modelPath);
+    await writeFile(truncated, bytes.subarray(0, Math.floor(bytes.length / 2)));
+    const error = await cluster.client.submitJob(baseSpec(truncated)).catch((e: unknown) => e);
+    expect(codeOf(error)).toBe("INVALID_ARGUMENT");
+    expect((error as Error).message).toContain("truncated.safetensors");
+  });
+
+  it("rejects a file that is not a model", async () => {
+    const junk = join(dir, "junk.safetensors");
+    await writeFile(junk, "this is not a model file at all");
+    const error = await cluster.client.submitJob(baseSpec(junk)).catch((e: unknown) => e);
+    expect(codeOf(error)).toBe("INVALID_ARGUMENT");
+  });
+
+  it("rejects bad specs and unknown jobs and executors", async () => {
+    const { client } = cluster;
+    expect(codeOf(await client.submitJob(baseSpec(modelPath, { steps: 0 })).catch((e) => e))).toBe(
+      "INVALID_ARGUMENT",
+    );
+    expect(
+      codeOf(await client.submitJob(baseSpec(modelPath, { policy: "magic" })).catch((e) => e)),
+    ).toBe("INVALID_ARGUMENT");
+    expect(
+      codeOf(await client.submitJob(baseSpec(modelPath, { executorId: "nope" })).catch((e) => e)),
+    ).toBe("NOT_FOUND");
+    expect(codeOf(await client.watchJob("job-missing").catch((e) => e))).toBe("NOT_FOUND");
+    expect(codeOf(await client.cancelJob("job-missing").catch((e) => e))).toBe("NOT_FOUND");
+  });
+
+  it("fails the running job of an executor that dies, and moves its queued jobs", async () => {
+    const { client, executors } = cluster;
+    const long = baseSpec(modelPath, { steps: 1_000_000 });
+    // a-gpu and b-gpu are idle: the first job goes to a-gpu, the second to b-gpu, the third
+    // queues behind the first on a-gpu (ties go by id).
+    const first = await client.submitJob(long);
+    const second = await client.submitJob(long);
+    const third = await client.submitJob(baseSpec(modelPath, { steps: 3 }));
+    expect(first.executorId).toBe("a-gpu");
+    expect(second.executorId).toBe("b-gpu");
+    expect(third.executorId).toBe("a-gpu");
+    const firstResult = client.watchJob(first.jobId);
+    const thirdResult = client.watchJob(third.jobId);
+    // Let a-gpu start computing, then kill it without a goodbye.
+    await new Promise<void>((started) => {
+      void client.watchJob(first.jobId, () => started());
+    });
+    executors[0].kill("SIGKILL");
+    const failed = await firstResult;
+    expect(failed.state).toBe(JobState.JOB_STATE_FAILED);
+    expect(failed.error?.code).toBe("UNAVAILABLE");
+    expect(failed.error?.message).toContain("a-gpu");
+    // The queued job moved to b-gpu; it runs once b-gpu's long job is cancelled.
+    await client.cancelJob(second.jobId);
+    const moved = await thirdResult;
+    expect(moved.state).toBe(JobState.JOB_STATE_SUCCEEDED);
+    expect(moved.executorId).toBe("b-gpu");
+    const { executors: left } = await client.listExecutors();
+    expect(left.map((e) => e.executorId)).toEqual(["b-gpu"]);
+  });
+});
