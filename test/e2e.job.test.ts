@@ -6,6 +6,7 @@ import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { runReference } from "../lib/model/reference";
+import { readTraceFile, stepReports } from "../lib/telemetry/traceReport";
 import { startCluster, type Cluster } from "./helpers/cluster";
 
 // A real scheduler (port 0), a real executor process, a real model file: the whole path.
@@ -150,6 +151,16 @@ describe("a job end to end", () => {
     expect(named("ferry.prepare_params")).toHaveLength(2 * streamed);
     expect(named("ferry.h2d")).toHaveLength(2 * streamed);
     expect(named("ferry.compute")).toHaveLength(2 * streamed);
+    // `ferry trace report` reads the same file back into a per-step breakdown.
+    const { spans: parsed, badLines } = await readTraceFile(traceFile);
+    expect(badLines).toEqual([]);
+    const report = stepReports(parsed);
+    expect(report.map((step) => step.step)).toEqual([1, 2]);
+    for (const step of report) {
+      expect(step.jobId).toBe(submitted.jobId);
+      expect(step.segments.map((segment) => segment.index)).toEqual([0, 1, 2, 3, 4]);
+      expect(step.h2dBytes).toBe(submitted.plan!.streamedBytesPerStep);
+    }
     const bytes = named("ferry.h2d").map((s) => {
       const value = s.attributes.find((a) => a.key === "ferry.bytes")?.value;
       return value?.intValue ?? value?.doubleValue ?? 0;
