@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { runPlanCommand } from "../cli/commands/plan";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { runReference } from "../lib/model/reference";
@@ -52,7 +53,7 @@ describe("a job end to end", () => {
   const mergedStreaming = () => spec({ maxVramGib: 2 / 1024 });
   const oneAtATime = () => spec({ maxVramGib: 0.7 / 1024 });
 
-  it("gives bitwise-identical output with all-resident, streamed and one-at-a-time plans", async () => {
+  it("gives bitwise-identical output with all-resident, streamed, one-at-a-time and ferry plans", async () => {
     const { client } = cluster;
     const resident = await client.getPlan(spec({ noStream: true }));
     expect(resident.plan!.segments.every((s) => s.resident)).toBe(true);
@@ -65,9 +66,11 @@ describe("a job end to end", () => {
     );
 
     const results = [];
-    for (const job of [spec({ noStream: true }), mergedStreaming(), oneAtATime()]) {
+    const ferryPlan = spec({ policy: "ferry", maxVramGib: 0.7 / 1024 });
+    for (const job of [spec({ noStream: true }), mergedStreaming(), oneAtATime(), ferryPlan]) {
       results.push(await client.runJob(job));
     }
+    expect(results[3].checksum).toBe(results[0].checksum);
     expect(results[0].checksum).toMatch(/^[0-9a-f]{64}$/);
     expect(results[1].checksum).toBe(results[0].checksum);
     expect(results[2].checksum).toBe(results[0].checksum);
@@ -75,6 +78,31 @@ describe("a job end to end", () => {
     // Streaming really moved bytes: one-at-a-time copies every segment every step.
     expect(results[2].steps.every((step) => step.h2dBytes > 0)).toBe(true);
   }, 60_000);
+
+  it("calibrates the executor's compute rate from the steps it ran", async () => {
+    await cluster.client.runJob(oneAtATime());
+    const { executors } = await cluster.client.listExecutors();
+    const calibrated = executors[0].calibrated!;
+    // Registered with no compute rate; the scheduler now plans with a measured one.
+    expect(executors[0].device!.tflops).toBe(0);
+    expect(calibrated.tflops).toBeGreaterThan(0);
+    expect(Number.isFinite(calibrated.dispatchUs)).toBe(true);
+  });
+
+  it("ferry plan --scheduler plans for the live executor with its calibrated rates", async () => {
+    let stdout = "";
+    let stderr = "";
+    const code = await runPlanCommand(
+      [modelPath, "--scheduler", cluster.server.address, "--policy", "ferry", "--json"],
+      { stdout: (text) => void (stdout += text), stderr: (text) => void (stderr += text) },
+    );
+    expect(stderr).toBe("");
+    expect(code).toBe(0);
+    const plan = JSON.parse(stdout);
+    expect(plan.policy).toBe("ferry");
+    expect(plan.predicted_step_s).toBeGreaterThan(0);
+    expect(plan.lower_bound_s).toBeLessThanOrEqual(plan.predicted_step_s);
+  });
 
   it("matches the TypeScript reference of the model within 1e-4", async () => {
     const result = await cluster.client.runJob(oneAtATime());

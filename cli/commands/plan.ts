@@ -4,7 +4,10 @@
  * profile JSON; the device from `--device-memory` or the profile.
  */
 import { Command, CommanderError, InvalidArgumentError } from "commander";
+import { resolve } from "node:path";
+import { SchedulerClient } from "../../lib/client/schedulerClient";
 import { formatBytes, parseSize } from "../../lib/config/units";
+import { deviceProfileOf, planFromMessage } from "../../services/scheduler/planProto";
 import type { DeviceProfile, ModelProfile } from "../../lib/model/profile";
 import { modelProfileFromFile } from "../../lib/model/segments";
 import {
@@ -64,6 +67,10 @@ export interface PlanCommandOptions {
    * and the other policy's prediction on the same input. @default false
    */
   explain?: boolean;
+  /** Ask this scheduler (HOST:PORT) to plan for one of its live executors. @default none */
+  scheduler?: string;
+  /** With --scheduler: the executor to plan for. @default the one a job would be placed on */
+  executor?: string;
 }
 
 /** sd.cpp's `--max-vram`: any finite number of GiB, negatives included. */
@@ -182,15 +189,60 @@ export async function planLocally(
 }
 
 /**
- * Where `ferry plan`'s plan comes from. Today it is always made here; a `--scheduler HOST:PORT`
- * mode belongs here too (ask the scheduler to plan, `planFromMessage` the reply, and return
- * the same outcome), and the rendering below stays as it is.
+ * Asks a live scheduler for the plan a job would get on one of its executors: the device is
+ * that executor's, with the rates the scheduler has calibrated from its measured steps.
  */
+export async function planOnScheduler(
+  modelPath: string | undefined,
+  options: PlanCommandOptions,
+): Promise<PlanOutcome> {
+  if (modelPath === undefined) throw new Error("--scheduler needs a model file");
+  if (options.profile !== undefined || options.deviceProfile !== undefined) {
+    throw new Error("--scheduler plans for a live executor: drop --profile/--device-profile");
+  }
+  const client = new SchedulerClient(options.scheduler!);
+  try {
+    await client.ready();
+    const response = await client.getPlan({
+      modelPath: resolve(modelPath),
+      steps: 1,
+      batch: options.batch,
+      tokens: options.tokens,
+      seed: 0,
+      maxVramGib: options.maxVram,
+      policy: options.policy,
+      noStream: !options.stream,
+      executorId: options.executor ?? "",
+      paramsBackend: "",
+      load: "",
+      verify: false,
+    });
+    const model = await modelProfileFromFile(modelPath, {
+      batch: options.batch,
+      tokens: options.tokens,
+    });
+    const device = deviceProfileOf(response.device!);
+    device.name = `${response.executorId} (${device.name})`;
+    return {
+      plan: planFromMessage(response.plan!),
+      modelName: model.name,
+      device,
+      model,
+      warnings: [],
+    };
+  } finally {
+    client.close();
+  }
+}
+
+/** Where `ferry plan`'s plan comes from: made here, or by a live scheduler (`--scheduler`). */
 export async function obtainPlan(
   modelPath: string | undefined,
   options: PlanCommandOptions,
 ): Promise<PlanOutcome> {
-  return planLocally(modelPath, options);
+  return options.scheduler !== undefined
+    ? planOnScheduler(modelPath, options)
+    : planLocally(modelPath, options);
 }
 
 /**
@@ -267,6 +319,11 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
     )
     .option("--json", "print the plan as JSON", false)
     .option(
+      "--scheduler <host:port>",
+      "ask this scheduler to plan for a live executor (its calibrated rates included)",
+    )
+    .option("--executor <id>", "with --scheduler: plan for this executor")
+    .option(
       "--explain",
       "add the cost model's breakdown: copy, compute and stall per segment, the lower bound, " +
         "and the other policy's prediction",
@@ -283,6 +340,7 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
         "  ferry plan --profile models/flux1-dev-q8_0.json --device-profile devices/rtx4090-24gb.json \\",
         "      --policy ferry --max-vram 12 --explain",
         "  ferry plan model.safetensors --profile rtx3060.json --no-stream",
+        "  ferry plan model.safetensors --scheduler 127.0.0.1:7400 --policy ferry --explain",
       ].join("\n"),
     )
     .action(async (modelPath: string | undefined, options: PlanCommandOptions) => {

@@ -99,6 +99,9 @@ export class Executor {
       freeBytes: info.freeBytes,
       h2dGbps: info.linkGbps,
       threads: info.threads,
+      // Measured from this executor's jobs by the scheduler (calibration); unknown at start.
+      tflops: 0,
+      dispatchUs: 0,
     };
   }
 
@@ -356,18 +359,39 @@ export class Executor {
 }
 
 function stepStatsOf(report: NativeStepReport): StepStats {
-  const seconds = (kind: string) =>
-    report.events
-      .filter((event) => event.kind === kind)
-      .reduce((sum, event) => sum + (event.endUs - event.startUs) / 1e6, 0);
+  const seconds = (event: { startUs: number; endUs: number }) =>
+    (event.endUs - event.startUs) / 1e6;
+  const total = (kind: string) =>
+    report.events.filter((event) => event.kind === kind).reduce((sum, e) => sum + seconds(e), 0);
+  const segments = report.events
+    .filter((event) => event.kind === "segment")
+    .map((segment) => {
+      const own = report.events.filter(
+        (e) => e.segment === segment.segment && e.kind !== "segment",
+      );
+      const part = (kind: string) =>
+        own.filter((e) => e.kind === kind).reduce((sum, e) => sum + seconds(e), 0);
+      return {
+        index: segment.segment,
+        h2dBytes: own.filter((e) => e.kind === "h2d").reduce((sum, e) => sum + e.bytes, 0),
+        h2dSeconds: part("h2d"),
+        computeSeconds: part("compute"),
+        prepareSeconds: part("prepare_params"),
+        source: segment.source ?? "",
+      };
+    });
   return {
     step: report.step,
     stepSeconds: (report.stepEndUs - report.stepStartUs) / 1e6,
-    prepareSeconds: seconds("prepare_params"),
-    h2dSeconds: seconds("h2d"),
-    computeSeconds: seconds("compute"),
+    prepareSeconds: total("prepare_params"),
+    h2dSeconds: total("h2d"),
+    computeSeconds: total("compute"),
     h2dBytes: report.h2dBytes,
     diskBytes: report.diskBytes,
     arenaPeakBytes: report.arenaPeakBytes,
+    segments,
+    stallSeconds: (report as { stallUs?: number }).stallUs
+      ? (report as { stallUs?: number }).stallUs! / 1e6
+      : 0,
   };
 }

@@ -20,6 +20,8 @@ export class Job {
   state: JobState = JobState.JOB_STATE_QUEUED;
   readonly progress: JobProgress[] = [];
   result: JobResult | undefined;
+  /** FLOPs of each merged segment of the plan, for calibrating the executor from its steps. */
+  segmentFlops: number[] = [];
   /** Emits "event" (WatchJobResponse) for each progress event and the result. */
   readonly events = new EventEmitter();
 

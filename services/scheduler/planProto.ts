@@ -61,7 +61,7 @@ export function deviceProfileOf(device: DeviceInfo): DeviceProfile {
     total_bytes: device.totalBytes,
     free_bytes: device.freeBytes,
     h2d_gbps: device.h2dGbps,
-    tflops: 0,
-    dispatch_us: 0,
+    tflops: device.tflops,
+    dispatch_us: device.dispatchUs,
   };
 }

@@ -11,6 +11,7 @@ import {
   type DeviceInfo,
   type ExecutorInfo,
   type JobSpec,
+  type StepStats,
   type JobUpdate,
   type Plan as PlanMessage,
 } from "../../gen/ferry/v1/scheduler";
@@ -18,15 +19,23 @@ import { modelProfileFromFile } from "../../lib/model/segments";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
 import { Job, type ResolvedJobSpec } from "./jobs";
 import { deviceProfileOf, planToMessage } from "./planProto";
-import { planJob } from "./planner/planJob";
-import type { PlanOptions, PolicyName } from "./planner/types";
+import { calibrateDevice, type StepMeasurement } from "./planner/calibration";
+import { KNOWN_POLICIES, planJob } from "./planner/planJob";
+import type { DeviceProfile, PlanOptions, PolicyName } from "./planner/types";
 import { StatusError, statusName, toStatusError } from "./statusError";
 
 export const DEFAULT_TOKENS = 64;
-const KNOWN_POLICIES: PolicyName[] = ["sdcpp"];
 const MAX_STEPS = 1_000_000;
+/** Steps of measurements kept per executor for calibration. */
+const CALIBRATION_WINDOW_STEPS = 64;
 
 type ExecutorStream = ServerDuplexStream<ConnectRequest, ConnectResponse>;
+
+interface PlannedJob {
+  plan: PlanMessage;
+  /** FLOPs of each merged segment of the plan. */
+  segmentFlops: number[];
+}
 
 /** One executor's live connection and the work queued on it. */
 export class ExecutorConnection {
@@ -34,6 +43,8 @@ export class ExecutorConnection {
   running: Job | undefined;
   readonly queue: Job[] = [];
   readonly warmModels = new Set<string>();
+  /** Recent per-segment measurements, oldest first: what calibration refines rates from. */
+  readonly measurements: StepMeasurement[] = [];
 
   constructor(
     readonly id: string,
@@ -49,10 +60,37 @@ export class ExecutorConnection {
     return this.queue.length + (this.running ? 1 : 0);
   }
 
+  /**
+   * The device as plans should see it: the registered device with its rates (β, compute rate,
+   * δ) refined from this executor's measured steps, so each plan uses what the hardware did.
+   */
+  plannedDevice(): DeviceProfile {
+    return calibrateDevice(deviceProfileOf(this.device), this.measurements).device;
+  }
+
+  recordStep(stats: StepStats, segmentFlops: readonly number[]): void {
+    this.measurements.push({
+      segments: stats.segments.map((segment) => ({
+        bytes_copied: segment.h2dBytes,
+        copy_s: segment.h2dSeconds,
+        compute_s: segment.computeSeconds,
+        flops: segmentFlops[segment.index] ?? 0,
+      })),
+    });
+    if (this.measurements.length > CALIBRATION_WINDOW_STEPS) this.measurements.shift();
+  }
+
   info(): ExecutorInfo {
+    const planned = this.plannedDevice();
     return {
       executorId: this.id,
       device: this.device,
+      calibrated: {
+        ...this.device,
+        h2dGbps: planned.h2d_gbps,
+        tflops: planned.tflops,
+        dispatchUs: planned.dispatch_us,
+      },
       lastHeartbeatMs: this.lastHeartbeatMs,
       runningJobId: this.running?.id ?? "",
       warmModels: [...this.warmModels],
@@ -180,7 +218,9 @@ export class Scheduler {
   private async replace(job: Job): Promise<void> {
     try {
       const target = this.pickExecutor(job.spec);
-      job.plan = await this.planFor(job.spec, target);
+      const planned = await this.planFor(job.spec, target);
+      job.plan = planned.plan;
+      job.segmentFlops = planned.segmentFlops;
       job.executorId = target.id;
       target.queue.push(job);
       this.dispatch(target);
@@ -242,8 +282,8 @@ export class Scheduler {
     };
   }
 
-  /** Plans a spec for one executor's device. */
-  async planFor(spec: ResolvedJobSpec, executor: ExecutorConnection): Promise<PlanMessage> {
+  /** Plans a spec for one executor's device (its calibrated rates included). */
+  async planFor(spec: ResolvedJobSpec, executor: ExecutorConnection): Promise<PlannedJob> {
     await access(spec.modelPath, constants.R_OK);
     const model = await modelProfileFromFile(spec.modelPath, {
       batch: spec.batch,
@@ -254,7 +294,14 @@ export class Scheduler {
       stream: !spec.noStream,
       maxVramGiB: spec.maxVramGib,
     };
-    return planToMessage(planJob(model, deviceProfileOf(executor.device), options));
+    const plan = planJob(model, executor.plannedDevice(), options);
+    // FLOPs per merged segment: the compute side of the calibration samples this job yields.
+    const segmentFlops = plan.segments.map((segment) =>
+      model.segments
+        .slice(segment.base[0], segment.base[1] + 1)
+        .reduce((sum, base) => sum + base.flops, 0),
+    );
+    return { plan: planToMessage(plan), segmentFlops };
   }
 
   /**
@@ -290,7 +337,7 @@ export class Scheduler {
   ): Promise<{ plan: PlanMessage; executor: ExecutorConnection }> {
     const resolved = this.resolveSpec(spec);
     const executor = this.pickExecutor(resolved);
-    return { plan: await this.planFor(resolved, executor), executor };
+    return { plan: (await this.planFor(resolved, executor)).plan, executor };
   }
 
   async submit(spec: JobSpec | undefined, parent: Context): Promise<Job> {
@@ -299,7 +346,7 @@ export class Scheduler {
     }
     const resolved = this.resolveSpec(spec);
     const executor = this.pickExecutor(resolved);
-    const plan = await this.planFor(resolved, executor);
+    const { plan, segmentFlops } = await this.planFor(resolved, executor);
     const id = `job-${randomUUID().slice(0, 8)}`;
     const span = ferryTracer().startSpan(
       "ferry.job",
@@ -319,6 +366,7 @@ export class Scheduler {
       parent,
     );
     const job = new Job(id, resolved, executor.id, plan, span);
+    job.segmentFlops = segmentFlops;
     this.jobs.set(id, job);
     executor.queue.push(job);
     this.dispatch(executor);
@@ -349,6 +397,7 @@ export class Scheduler {
     const job = this.jobs.get(body.value.jobId);
     if (!job || job.executorId !== executor.id) return;
     if (body.$case === "progress") {
+      if (body.value.stats) executor.recordStep(body.value.stats, job.segmentFlops);
       job.addProgress(body.value);
       return;
     }

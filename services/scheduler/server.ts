@@ -108,10 +108,11 @@ function serviceImplementation(scheduler: Scheduler, log: (line: string) => void
 
     getPlan: unary(async (call) => {
       const { plan, executor } = await scheduler.getPlan(call.request.spec);
+      // The device as it was planned for: calibrated rates, not only the registered ones.
       return GetPlanResponse.fromPartial({
         plan,
         executorId: executor.id,
-        device: executor.device,
+        device: executor.info().calibrated,
       });
     }, log),
 
