@@ -3,6 +3,8 @@
  * - `ferry bench plan [--json | --markdown]`: the `sdcpp` and `ferry` policies' predicted step
  *   times against the lower bound on real models' profiles (bench/plan.ts), and the planner's
  *   speed on a 1,000-segment profile.
+ * - `ferry bench predict [--json]`: predicted vs measured step time on a real executor with an
+ *   emulated link, for both policies, after the scheduler calibrated the executor (bench/predict.ts).
  * - `ferry bench profiles --out DIR`: writes those profiles as profile files
  *   (DIR/models/*.json, DIR/devices/*.json) for `ferry plan --profile … --device-profile …`.
  */
@@ -16,6 +18,7 @@ import {
   planBenchMarkdown,
   runPlanBench,
 } from "../../bench/plan";
+import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
 /** Where the commands write; tests pass sinks, the CLI the process streams. */
@@ -108,6 +111,21 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
     .action(function (this: Command) {
       const options = this.opts<BenchPlanOptions>();
       return guarded(io, "plan", async () => io.stdout(benchPlanOutput(options)))();
+    });
+  bench
+    .command("predict")
+    .description("the cost model's predicted step time vs the measured one on a live executor")
+    .option("--json", "print the rows as JSON", false)
+    .option("--link-gbps <rate>", "emulated host→device link, GB/s", "2")
+    .action(function (this: Command) {
+      const { json, linkGbps } = this.opts<{ json: boolean; linkGbps: string }>();
+      return guarded(io, "predict", async () => {
+        const rows = await runPredictBench({
+          linkGbps: Number(linkGbps),
+          log: (line) => io.stderr(`${line}\n`),
+        });
+        io.stdout(json ? `${JSON.stringify(rows, null, 2)}\n` : formatPredictBench(rows));
+      })();
     });
   bench
     .command("profiles")

@@ -1,15 +1,12 @@
-import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
 import type { JobResult } from "../../gen/ferry/v1/scheduler";
-import { SchedulerClient } from "../../lib/client/schedulerClient";
+import { startCluster, type Cluster } from "../../lib/cluster/localCluster";
 import { parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
 import { formatBytes, parseBytes } from "../../lib/config/units";
 import { genModel, GEN_MODEL_FLOAT_DTYPES, type GenModelDtype } from "../../lib/model/genModel";
-import { packageRoot } from "../../lib/packageInfo";
-import { startSchedulerServer } from "../../services/scheduler/server";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { formatPlan } from "../../services/scheduler/planner/formatPlan";
 import { action } from "../action";
@@ -25,50 +22,11 @@ interface DemoFlags {
   tokens: string;
   vram: string;
   linkGbps: string;
+  policies: string;
   keep?: boolean;
 }
 
 const out = (line = "") => process.stdout.write(`${line}\n`);
-
-/** Starts `ferry executor` as a child process, as an operator would, and returns it. */
-function spawnExecutor(scheduler: string, vram: string, linkGbps: number): ChildProcess {
-  const cli = join(packageRoot(), "dist", "cli", "ferry.js");
-  return spawn(
-    process.execPath,
-    [
-      cli,
-      "executor",
-      "--scheduler",
-      scheduler,
-      "--vram",
-      vram,
-      "--link-gbps",
-      String(linkGbps),
-      "--id",
-      "demo-gpu0",
-    ],
-    { stdio: ["ignore", "inherit", "pipe"], env: process.env },
-  );
-}
-
-async function waitForExecutor(client: SchedulerClient, child: ChildProcess): Promise<void> {
-  let stderr = "";
-  child.stderr?.on("data", (chunk: Buffer) => {
-    stderr += chunk.toString();
-  });
-  const deadline = Date.now() + 30_000;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) {
-      throw new Error(
-        `the executor exited (code ${child.exitCode}) before registering:\n${stderr}`,
-      );
-    }
-    const { executors } = await client.listExecutors();
-    if (executors.length > 0) return;
-    await new Promise((done) => setTimeout(done, 100));
-  }
-  throw new Error(`the executor did not register within 30 s:\n${stderr}`);
-}
 
 /** Where the job's time went, from the executor's per-step measurements. */
 function summarize(result: JobResult): string[] {
@@ -118,6 +76,7 @@ export function register(program: Command): void {
     .option("--tokens <n>", "tokens per sample", "64")
     .option("--vram <size>", "the executor's device memory", "768MiB")
     .option("--link-gbps <rate>", "emulated host→device link, GB/s (0 = memory speed)", "8")
+    .option("--policies <list>", "planning policies to run, in order", "sdcpp,ferry")
     .option("--keep", "keep the generated model")
     .action(
       action("demo", async (flags: DemoFlags) => {
@@ -128,9 +87,7 @@ export function register(program: Command): void {
         parseBytes(flags.vram);
         const dir = await mkdtemp(join(tmpdir(), "ferry-demo-"));
         const modelPath = join(dir, "demo-dit.safetensors");
-        let executor: ChildProcess | undefined;
-        let server: Awaited<ReturnType<typeof startSchedulerServer>> | undefined;
-        let client: SchedulerClient | undefined;
+        let cluster: Cluster | undefined;
         try {
           out(`1. generating a synthetic DiT model in ${dir}`);
           let lastPercent = -10;
@@ -153,46 +110,59 @@ export function register(program: Command): void {
               `${(model.params / 1e6).toFixed(1)} M params, ${formatBytes(model.bytes)}`,
           );
 
-          server = await startSchedulerServer({ listen: "127.0.0.1:0", log: () => {} });
-          out(`2. scheduler listening on ${server.address}`);
-          executor = spawnExecutor(server.address, flags.vram, linkGbps);
-          client = new SchedulerClient(server.address);
-          await waitForExecutor(client, executor);
+          cluster = await startCluster([
+            { id: "demo-gpu0", vram: flags.vram, linkGbps, env: process.env },
+          ]);
+          const { client } = cluster;
+          out(`2. scheduler listening on ${cluster.server.address}`);
           out(
             `3. executor demo-gpu0 connected: CPU device with ${flags.vram} of device memory` +
               (linkGbps > 0 ? `, emulated ${linkGbps} GB/s host→device link` : ""),
           );
 
-          const spec = {
-            modelPath,
-            steps: parseIntegerFlag("--steps", flags.steps, 1, 10_000),
-            batch: 1,
-            tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_000_000),
-            seed: 0,
-            maxVramGib: undefined,
-            policy: "sdcpp",
-            noStream: false,
-            executorId: "",
-            paramsBackend: "",
-            load: "",
-            verify: false,
-          };
-          const { plan } = await client.getPlan(spec);
-          out(`4. the plan (model ${formatBytes(model.bytes)} vs device ${flags.vram}):`);
-          for (const line of formatPlan(planFromMessage(plan!)).split("\n")) out(`   ${line}`);
-
-          out(`5. running ${spec.steps} steps`);
-          const result = await client.runJob(spec, (progress) => out(`   ${formatStep(progress)}`));
-          out("6. where the time went");
-          for (const line of summarize(result)) out(`   ${line}`);
-        } finally {
-          client?.close();
-          if (executor && executor.exitCode === null) {
-            const exited = new Promise((done) => executor!.once("exit", done));
-            executor.kill("SIGTERM");
-            await exited;
+          // The same job under each policy: sd.cpp's baseline first, then Ferry's cost model.
+          const summaries: string[] = [];
+          let section = 4;
+          for (const policy of flags.policies.split(",").map((name) => name.trim())) {
+            const spec = {
+              modelPath,
+              steps: parseIntegerFlag("--steps", flags.steps, 1, 10_000),
+              batch: 1,
+              tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_000_000),
+              seed: 0,
+              maxVramGib: undefined,
+              policy,
+              noStream: false,
+              executorId: "",
+              paramsBackend: "",
+              load: "",
+              verify: false,
+            };
+            const { plan } = await client.getPlan(spec);
+            out(
+              `${section++}. the ${policy} plan (model ${formatBytes(model.bytes)} vs device ${flags.vram}):`,
+            );
+            for (const line of formatPlan(planFromMessage(plan!)).split("\n")) out(`   ${line}`);
+            out(`${section++}. running ${spec.steps} steps with the ${policy} plan`);
+            const result = await client.runJob(spec, (progress) =>
+              out(`   ${formatStep(progress)}`),
+            );
+            out(`${section++}. where the time went (${policy})`);
+            for (const line of summarize(result)) out(`   ${line}`);
+            const warm = result.steps.slice(1);
+            const perStep = warm.length
+              ? warm.reduce((sum, step) => sum + step.stepSeconds, 0) / warm.length
+              : result.steps[0].stepSeconds;
+            summaries.push(
+              `${policy}: ${perStep.toFixed(3)} s per warm step, checksum ${result.checksum.slice(0, 16)}…`,
+            );
           }
-          await server?.close(1000);
+          if (summaries.length > 1) {
+            out(`${section}. side by side (same model, same executor, same output)`);
+            for (const line of summaries) out(`   ${line}`);
+          }
+        } finally {
+          await cluster?.stop();
           if (!flags.keep) await rm(dir, { recursive: true, force: true });
           else out(`model kept at ${modelPath}`);
         }

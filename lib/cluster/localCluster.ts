@@ -1,10 +1,13 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
-import { SchedulerClient } from "../../lib/client/schedulerClient";
-import { packageRoot } from "../../lib/packageInfo";
+import { SchedulerClient } from "../client/schedulerClient";
+import { packageRoot } from "../packageInfo";
 import { startSchedulerServer, type SchedulerServer } from "../../services/scheduler/server";
 
-/** A real scheduler on port 0 and real executor processes (the built CLI), for tests. */
+/**
+ * A scheduler on a loopback port and executor processes started from the built CLI, as an
+ * operator would run them: what the demo, the tests and the benchmarks run jobs on.
+ */
 export interface Cluster {
   server: SchedulerServer;
   client: SchedulerClient;
@@ -16,7 +19,10 @@ export interface Cluster {
 export interface ExecutorSpec {
   id: string;
   vram: string;
+  /** Emulated host→device link, GB/s. @default 0 (memory speed) */
   linkGbps?: number;
+  /** Kernel threads. @default 0 (one per core) */
+  threads?: number;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -40,7 +46,7 @@ export function spawnExecutorProcess(
       "--link-gbps",
       String(spec.linkGbps ?? 0),
       "--threads",
-      "2",
+      String(spec.threads ?? 0),
     ],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...spec.env } },
   );
