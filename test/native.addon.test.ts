@@ -187,6 +187,7 @@ describe("native addon", () => {
       freeBytes: 1 << 20,
       linkGbps: 8,
       threads: 2,
+      peakCopyGbps: 0,
     });
     expect(device.stats()).toMatchObject({
       allocations: 0,

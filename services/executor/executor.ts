@@ -252,6 +252,7 @@ export class Executor {
             resident: segment.resident,
             computeBufferBytes: segment.computeBufferBytes,
           })),
+          slots: plan.slots,
         },
         (report: NativeStepReport) => {
           recordStepSpans(parent, jobId, report);

@@ -29,6 +29,9 @@ class Arena {
   // Reserves address space only (pages are committed when first written), so a large budget
   // costs nothing until used. `owner` names the device in error messages.
   Arena(size_t capacity, std::string owner);
+  // Manages `capacity` bytes at `base`, owned by the caller (the CUDA device's one cudaMalloc):
+  // the arena only hands out pieces of it and never frees it.
+  Arena(void* base, size_t capacity, std::string owner);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
@@ -55,7 +58,7 @@ class Arena {
   size_t capacity_ = 0;
   size_t usable_ = 0;  // capacity rounded down to the alignment
   uint8_t* base_ = nullptr;
-  size_t mapped_ = 0;
+  size_t mapped_ = 0;  // bytes this arena mapped itself (0: external memory)
 
   mutable std::mutex mu_;
   std::map<size_t, size_t> free_;            // offset → size, ordered for first fit and merging

@@ -1,7 +1,8 @@
 #pragma once
 // The reference device: device memory is a host arena capped at the budget, the copy stream is a
-// dedicated thread, compute is the kernels on a thread pool. An optional link rate paces copies so
-// that transfer/compute overlap can be studied on a machine without a GPU.
+// dedicated thread, compute is the kernels on a thread pool, run on the caller's thread. An
+// optional link rate paces the copy thread like a PCIe link, so transfer/compute overlap can be
+// studied and tested on a machine without a GPU.
 #include <memory>
 #include <string>
 
@@ -18,6 +19,7 @@ struct CpuDeviceOptions {
 };
 
 class CpuCopyStream;
+class CpuComputeStream;
 
 class CpuDevice final : public Device {
  public:
@@ -31,6 +33,7 @@ class CpuDevice final : public Device {
   MemoryStats memory_stats() const override { return arena_.stats(); }
   void reset_window_peak() override { arena_.reset_window_peak(); }
   Stream& copy_stream() override;
+  Stream& compute_stream() override;
 
   void prelude_forward(const DitDims& dims, const PreludeWeights& w, const float* z, float* x,
                        void* scratch) override;
@@ -53,6 +56,7 @@ class CpuDevice final : public Device {
   Arena arena_;
   ThreadPool pool_;
   std::unique_ptr<CpuCopyStream> copy_stream_;
+  std::unique_ptr<CpuComputeStream> compute_stream_;
 };
 
 }  // namespace ferry

@@ -48,6 +48,21 @@ class DeviceBusyError : public Error {
   const char* name() const noexcept override { return "DeviceBusyError"; }
 };
 
+// A device this machine or build does not have (no GPU, no CUDA support compiled in).
+class DeviceUnavailableError : public Error {
+ public:
+  using Error::Error;
+  const char* name() const noexcept override { return "DeviceUnavailableError"; }
+};
+
+// Bytes did not survive a transfer: a device copy's checksum differs from its host source's
+// (RunRequest::verify).
+class IntegrityError : public Error {
+ public:
+  using Error::Error;
+  const char* name() const noexcept override { return "IntegrityError"; }
+};
+
 // A system call failed on a file. Carries errno and its symbolic code ("ENOENT") so callers can
 // tell a missing file from a corrupt one, as Node's own fs errors do.
 class IoError : public Error {

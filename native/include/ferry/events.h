@@ -24,6 +24,7 @@ struct RunEvent {
   uint64_t bytes = 0;
   ParamSource source = ParamSource::kNone;
   Cold cold = Cold::kUnset;  // prepare_params only: did it read from disk
+  double stall_us = 0;       // compute only: its part of StepReport::stall_us
 };
 
 struct StepReport {
@@ -33,6 +34,13 @@ struct StepReport {
   uint64_t h2d_bytes = 0;
   uint64_t disk_bytes = 0;
   uint64_t arena_peak_bytes = 0;  // device memory high-water mark during this step
+  // How long the compute engine waited for weights this step: Σ over segments of the gap between
+  // the previous compute's end (or the step's start) and this one's start. Serial runs wait for
+  // every prepare and copy; an overlapped run only for what its prefetch did not hide.
+  double stall_us = 0;
+  // Step 1 only: what the residency cache already held (bytes not copied because an earlier job
+  // on this device uploaded them).
+  uint64_t resident_hit_bytes = 0;
   std::vector<RunEvent> events;
 };
 

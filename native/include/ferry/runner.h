@@ -1,8 +1,22 @@
 #pragma once
 // Runs a job — S sampler steps of a DiT model over z [B, T, C] — on a device, following a plan of
-// merged segments. The execution policy is sd.cpp's serial one (per segment: prepare params,
-// allocate, copy, compute, free), which Ferry reproduces as its baseline; the phases are separate
-// functions so a prefetching policy can reorder them later.
+// merged segments, in one of two execution modes:
+//
+// - slots = 0, sd.cpp's serial policy, reproduced exactly as Ferry's baseline: per step, per
+//   merged segment — prepare params, allocate, copy (waiting for it), compute, free. Resident
+//   segments are uploaded at their first use and kept for the job only.
+// - slots = d ≥ 1, overlapped: z/x/y, one compute buffer (the largest any segment needs) and d
+//   staging slots (each the largest streamed merged segment) are allocated once at job start;
+//   nothing is allocated in the steady state. A copy thread prepares each streamed segment's
+//   params and queues its transfer into slot g mod d (g counts streamed copies across steps) as
+//   soon as the segment that used that slot before has computed, so segment k+d copies while
+//   segment k computes, and step t+1's first copies run during step t's last computes. Resident
+//   weights are uploaded once per device and kept across steps and jobs in the device's
+//   residency cache (device.h).
+//
+// Both modes give bitwise-identical outputs (the same kernels on the same bytes in the same
+// order); only the timing differs. Every event carries real wall-clock times, so spans show the
+// overlap, and each step reports how long compute waited for copies (stall_us).
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -19,8 +33,21 @@ namespace ferry {
 struct PlanSegment {
   int64_t first_base = 0;
   int64_t last_base = 0;
-  bool resident = false;              // keep its weights on the device for the whole job
+  bool resident = false;              // keep its weights on the device instead of streaming them
   uint64_t compute_buffer_bytes = 0;  // scratch to allocate; ≥ what its kernels need
+};
+
+// Where weights wait on the host between uses.
+enum class ParamsBackend : uint8_t {
+  kCpu,   // the host params cache keeps them for later steps and jobs
+  kDisk,  // dropped after each transfer and read again when next needed
+};
+
+// When weights are read from the file.
+enum class LoadMode : uint8_t {
+  kLazy,        // at first use, inside step 1 (sd.cpp's default)
+  kEager,       // all of them before step 1
+  kBackground,  // a background reader, in plan order, from job start
 };
 
 struct RunRequest {
@@ -30,7 +57,16 @@ struct RunRequest {
   uint64_t seed = 0;
   std::vector<float> input;  // z [B, T, C]; empty = initial_input(seed)
   std::vector<PlanSegment> segments;
+  uint32_t slots = 0;  // prefetch depth (staging slots); 0 = sd.cpp's serial execution
+  ParamsBackend params_backend = ParamsBackend::kCpu;
+  LoadMode load = LoadMode::kLazy;
+  // Checksum each base segment's host params at its first use in the job and check every copy of
+  // it on the device against that (IntegrityError on a mismatch).
+  bool verify = false;
 };
+
+// Most staging slots a plan may ask for: beyond a few, slots only take memory from residency.
+constexpr uint32_t kMaxSlots = 16;
 
 struct RunOutput {
   std::vector<float> output;  // z after the last step, [B, T, C]
@@ -41,9 +77,10 @@ using StepObserver = std::function<void(StepReport&& report)>;
 
 // Runs the job on the leased device. `cancel` (may be null) is checked between segments; a set
 // flag ends the run with CancelledError. `on_step` (may be empty) gets each step's report on the
-// run's thread. Everything allocated on the device is freed when this returns or throws.
+// run's thread. Everything the job allocated on the device is freed when this returns or throws,
+// except resident weights of an overlapped run, which stay in the device's residency cache.
 // Throws InvalidArgumentError (bad request or plan), DeviceOutOfMemoryError, CancelledError,
-// ModelFormatError / IoError (reading weights).
+// ModelFormatError / IoError (reading weights), IntegrityError (verify).
 RunOutput run_job(DeviceLease& lease, DitModel& model, const RunRequest& request,
                   const std::atomic<bool>* cancel, const StepObserver& on_step);
 

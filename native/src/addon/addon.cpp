@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "cpu_device_wrap.h"
+#include "cuda_device_wrap.h"
 #include "ferry/kernels.h"
 #include "model_wrap.h"
 #include "run.h"
@@ -48,7 +49,7 @@ Napi::Value scratch_bytes(const Napi::CallbackInfo& info) {
 // earlier by their own hooks (registered later, so run first).
 void teardown(Registry* registry) {
   registry->tearing_down = true;
-  for (CpuDeviceWrap* d : registry->devices) d->release(Napi::Env(nullptr), false);
+  for (DeviceWrapBase* d : registry->devices) d->release(Napi::Env(nullptr), false);
   for (ModelWrap* m : registry->models) m->release(Napi::Env(nullptr), false);
 }
 
@@ -56,13 +57,17 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);
   Napi::Function device_class = CpuDeviceWrap::define(env);
+  Napi::Function cuda_device_class = CudaDeviceWrap::define(env);
   Napi::Function model_class = ModelWrap::define(env);
   data->device_class = Napi::Persistent(device_class);
+  data->cuda_device_class = Napi::Persistent(cuda_device_class);
   data->model_class = Napi::Persistent(model_class);
   env.AddCleanupHook(teardown, data->registry.get());
 
   exports.Set("version", Napi::Function::New(env, version, "version"));
   exports.Set("CpuDevice", device_class);
+  exports.Set("CudaDevice", cuda_device_class);
+  exports.Set("cudaAvailable", Napi::Function::New(env, cuda_available, "cudaAvailable"));
   exports.Set("Model", model_class);
   exports.Set("openModel", Napi::Function::New(env, open_model, "openModel"));
   exports.Set("scratchBytes", Napi::Function::New(env, scratch_bytes, "scratchBytes"));

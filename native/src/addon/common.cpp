@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "cpu_device_wrap.h"
+#include "cuda_device_wrap.h"
 #include "ferry/errors.h"
 
 namespace ferry {
@@ -105,7 +107,60 @@ bool bool_field(const Napi::Object& object, const char* key, const std::string& 
   return v.As<Napi::Boolean>().Value();
 }
 
+std::string string_field_or(const Napi::Object& object, const char* key, const std::string& where,
+                            const std::string& fallback) {
+  if (!has_field(object, key)) return fallback;
+  Napi::Value v = object.Get(key);
+  if (!v.IsString()) throw_invalid_argument(object.Env(), where + "." + key + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
 AddonData& addon_data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }
+
+DeviceWrapBase* unwrap_device(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsObject()) return nullptr;
+  AddonData& data = addon_data(env);
+  Napi::Object o = value.As<Napi::Object>();
+  if (o.InstanceOf(data.device_class.Value())) return CpuDeviceWrap::Unwrap(o);
+  if (o.InstanceOf(data.cuda_device_class.Value())) return CudaDeviceWrap::Unwrap(o);
+  return nullptr;
+}
+
+void set_device_info(Napi::Env env, Napi::Object out, const Device& device) {
+  out.Set("name", device.name());
+  out.Set("kind", device_kind_name(device.kind()));
+  out.Set("totalBytes", size_value(env, device.total_bytes()));
+  // What a job can have: cached resident weights no job holds are evicted on demand.
+  out.Set("freeBytes", size_value(env, device.available_bytes()));
+  out.Set("peakCopyGbps", device.peak_copy_gbps());
+}
+
+Napi::Object device_stats(Napi::Env env, const Device& device) {
+  const MemoryStats s = device.memory_stats();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("allocations", size_value(env, s.allocations));
+  out.Set("inUseBytes", size_value(env, s.in_use_bytes));
+  out.Set("peakBytes", size_value(env, s.peak_bytes));
+  out.Set("committedBytes", size_value(env, s.committed_bytes));
+  out.Set("largestFreeBlock", size_value(env, s.largest_free_block));
+  out.Set("residentCacheBytes", size_value(env, device.residency().bytes()));
+  out.Set("residentCacheEntries", size_value(env, device.residency().entries()));
+  out.Set("busy", device.busy());
+  return out;
+}
+
+Napi::Value measure_copy_rate(const Napi::CallbackInfo& info, Device& device) {
+  Napi::Env env = info.Env();
+  size_t bytes = size_t{64} << 20;
+  if (!info[0].IsUndefined()) {
+    if (!info[0].IsNumber() || info[0].As<Napi::Number>().DoubleValue() < 4096 ||
+        info[0].As<Napi::Number>().DoubleValue() > 9007199254740992.0) {
+      throw_invalid_argument(env, "measureCopyRate(bytes): bytes must be a number ≥ 4096");
+    }
+    bytes = static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue());
+  }
+  return guarded(env, [&] { return Napi::Number::New(env, device.measure_copy_rate(bytes)); });
+}
 
 }  // namespace addon
 }  // namespace ferry

@@ -9,6 +9,8 @@
 #include <set>
 #include <string>
 
+#include "ferry/device.h"
+
 namespace ferry {
 namespace addon {
 
@@ -51,25 +53,48 @@ uint64_t uint_field_or(const Napi::Object& object, const char* key, const std::s
 double number_field_or(const Napi::Object& object, const char* key, const std::string& where,
                        double fallback);
 bool bool_field(const Napi::Object& object, const char* key, const std::string& where);
+std::string string_field_or(const Napi::Object& object, const char* key, const std::string& where,
+                            const std::string& fallback);
 
-class CpuDeviceWrap;
 class ModelWrap;
+
+// What the run, the registry and the model wraps need of a JS device (CpuDevice, CudaDevice).
+class DeviceWrapBase {
+ public:
+  virtual ~DeviceWrapBase() = default;
+  // The device, or nullptr once disposed.
+  virtual std::shared_ptr<Device> device_or_null() const = 0;
+  // Tells V8 how much of the device's memory is host memory it should count (CPU device only).
+  virtual void sync_external_memory(Napi::Env env) = 0;
+  // Drops this wrap's reference; a run still holding the device keeps it until the run ends.
+  virtual void release(Napi::Env env, bool adjust_external) = 0;
+};
 
 // Live wraps of one environment. Shared with every wrap so its lifetime does not depend on the
 // order in which Node finalizes the wraps and the instance data at teardown.
 struct Registry {
   bool tearing_down = false;
-  std::set<CpuDeviceWrap*> devices;
+  std::set<DeviceWrapBase*> devices;
   std::set<ModelWrap*> models;
 };
 
 struct AddonData {
   std::shared_ptr<Registry> registry = std::make_shared<Registry>();
-  Napi::FunctionReference device_class;
+  Napi::FunctionReference device_class;  // CpuDevice
+  Napi::FunctionReference cuda_device_class;
   Napi::FunctionReference model_class;
 };
 
 AddonData& addon_data(Napi::Env env);
+
+// The device wrap behind a JS CpuDevice or CudaDevice; nullptr if `value` is neither.
+DeviceWrapBase* unwrap_device(Napi::Env env, const Napi::Value& value);
+
+// The parts of info() and stats() every device kind reports.
+void set_device_info(Napi::Env env, Napi::Object out, const Device& device);
+Napi::Object device_stats(Napi::Env env, const Device& device);
+// device.measureCopyRate(bytes?): GB/s, measured on the copy stream (DeviceBusyError mid-run).
+Napi::Value measure_copy_rate(const Napi::CallbackInfo& info, Device& device);
 
 // A uint64 byte count as a JS number (exact below 2^53, which covers any real memory size).
 inline Napi::Number size_value(Napi::Env env, uint64_t n) {

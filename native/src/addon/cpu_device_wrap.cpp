@@ -8,6 +8,8 @@ Napi::Function CpuDeviceWrap::define(Napi::Env env) {
                      {
                          InstanceMethod<&CpuDeviceWrap::info>("info"),
                          InstanceMethod<&CpuDeviceWrap::stats>("stats"),
+                         InstanceMethod<&CpuDeviceWrap::measure_copy_rate>("measureCopyRate"),
+                         InstanceMethod<&CpuDeviceWrap::clear_residency>("clearResidency"),
                          InstanceMethod<&CpuDeviceWrap::dispose>("dispose"),
                      });
 }
@@ -59,10 +61,7 @@ Napi::Value CpuDeviceWrap::info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto d = device(env);
   Napi::Object out = Napi::Object::New(env);
-  out.Set("name", d->name());
-  out.Set("kind", device_kind_name(d->kind()));
-  out.Set("totalBytes", size_value(env, d->total_bytes()));
-  out.Set("freeBytes", size_value(env, d->free_bytes()));
+  set_device_info(env, out, *d);
   out.Set("linkGbps", d->link_gbps());
   out.Set("threads", d->threads());
   return out;
@@ -72,15 +71,19 @@ Napi::Value CpuDeviceWrap::stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto d = device(env);
   sync_external_memory(env);
-  const MemoryStats s = d->memory_stats();
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("allocations", size_value(env, s.allocations));
-  out.Set("inUseBytes", size_value(env, s.in_use_bytes));
-  out.Set("peakBytes", size_value(env, s.peak_bytes));
-  out.Set("committedBytes", size_value(env, s.committed_bytes));
-  out.Set("largestFreeBlock", size_value(env, s.largest_free_block));
-  out.Set("busy", d->busy());
-  return out;
+  return device_stats(env, *d);
+}
+
+Napi::Value CpuDeviceWrap::measure_copy_rate(const Napi::CallbackInfo& info) {
+  auto d = device(info.Env());
+  Napi::Value rate = addon::measure_copy_rate(info, *d);
+  sync_external_memory(info.Env());
+  return rate;
+}
+
+Napi::Value CpuDeviceWrap::clear_residency(const Napi::CallbackInfo& info) {
+  device(info.Env())->residency().clear();
+  return info.Env().Undefined();
 }
 
 Napi::Value CpuDeviceWrap::dispose(const Napi::CallbackInfo& info) {

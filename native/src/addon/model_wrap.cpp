@@ -107,6 +107,13 @@ void ModelWrap::release(Napi::Env env, bool adjust_external) {
     Napi::MemoryManagement::AdjustExternalMemory(env, -reported_external_);
   }
   reported_external_ = 0;
+  if (model_) {
+    // Its weights kept resident on devices go with it (a run holding them keeps them until it
+    // ends).
+    for (DeviceWrapBase* d : registry_->devices) {
+      if (auto device = d->device_or_null()) device->residency().evict_owner(model_.get());
+    }
+  }
   model_.reset();
 }
 

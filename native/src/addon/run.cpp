@@ -25,7 +25,7 @@ using StepChannel = Napi::TypedThreadSafeFunction<RunState, StepReport, deliver_
 // The thread is joined, and the promise settled, by the finalizer on the main thread, after the
 // last step report has been delivered.
 struct RunState {
-  std::shared_ptr<CpuDevice> device;
+  std::shared_ptr<Device> device;
   std::shared_ptr<DitModel> model;
   DeviceLease lease;  // declared after `device`: released before the device can go
   RunRequest request;
@@ -52,6 +52,7 @@ Napi::Object event_object(Napi::Env env, const RunEvent& e) {
   o.Set("bytes", size_value(env, e.bytes));
   if (const char* source = param_source_name(e.source)) o.Set("source", source);
   if (e.cold != Cold::kUnset) o.Set("cold", e.cold == Cold::kTrue);
+  if (e.kind == EventKind::kCompute) o.Set("stallUs", e.stall_us);
   return o;
 }
 
@@ -63,6 +64,8 @@ Napi::Object report_object(Napi::Env env, const StepReport& r) {
   o.Set("h2dBytes", size_value(env, r.h2d_bytes));
   o.Set("diskBytes", size_value(env, r.disk_bytes));
   o.Set("arenaPeakBytes", size_value(env, r.arena_peak_bytes));
+  o.Set("stallUs", r.stall_us);
+  o.Set("residentHitBytes", size_value(env, r.resident_hit_bytes));
   Napi::Array events = Napi::Array::New(env, r.events.size());
   for (size_t i = 0; i < r.events.size(); i++) events.Set(i, event_object(env, r.events[i]));
   o.Set("events", events);
@@ -103,7 +106,7 @@ void finalize_run(Napi::Env env, std::shared_ptr<RunState>* holder, RunState*) {
   if (state->tearing_down) return;
   if (state->cleanup_hook) state->cleanup_hook->Remove(env);
   try {
-    if (auto* w = CpuDeviceWrap::Unwrap(state->device_object.Value())) w->sync_external_memory(env);
+    if (auto* w = unwrap_device(env, state->device_object.Value())) w->sync_external_memory(env);
     if (auto* w = ModelWrap::Unwrap(state->model_object.Value())) w->sync_external_memory(env);
     if (!state->callback_error.IsEmpty()) {
       state->deferred->Reject(state->callback_error.Value());
@@ -188,6 +191,34 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
     p.compute_buffer_bytes = uint_field(s, "computeBufferBytes", at);
     r.segments.push_back(p);
   }
+  const uint64_t slots = uint_field_or(o, "slots", where, 0);
+  if (slots > kMaxSlots) {
+    throw_invalid_argument(env, where + ".slots must be between 0 and " +
+                                    std::to_string(kMaxSlots) + " (got " + std::to_string(slots) +
+                                    ")");
+  }
+  r.slots = static_cast<uint32_t>(slots);
+  const std::string backend = string_field_or(o, "paramsBackend", where, "cpu");
+  if (backend == "cpu" || backend.empty()) {  // "": the executor's default
+    r.params_backend = ParamsBackend::kCpu;
+  } else if (backend == "disk") {
+    r.params_backend = ParamsBackend::kDisk;
+  } else {
+    throw_invalid_argument(
+        env, where + ".paramsBackend must be \"cpu\" or \"disk\", got \"" + backend + "\"");
+  }
+  const std::string load = string_field_or(o, "load", where, "lazy");
+  if (load == "lazy" || load.empty()) {
+    r.load = LoadMode::kLazy;
+  } else if (load == "eager") {
+    r.load = LoadMode::kEager;
+  } else if (load == "background") {
+    r.load = LoadMode::kBackground;
+  } else {
+    throw_invalid_argument(
+        env, where + ".load must be \"lazy\", \"eager\" or \"background\", got \"" + load + "\"");
+  }
+  r.verify = has_field(o, "verify") ? bool_field(o, "verify", where) : false;
   return r;
 }
 
@@ -196,8 +227,9 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
 Napi::Value start_run(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonData& data = addon_data(env);
-  if (!info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(data.device_class.Value())) {
-    throw_invalid_argument(env, "startRun: the first argument must be a CpuDevice");
+  DeviceWrapBase* device_wrap = unwrap_device(env, info[0]);
+  if (!device_wrap) {
+    throw_invalid_argument(env, "startRun: the first argument must be a CpuDevice or CudaDevice");
   }
   if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(data.model_class.Value())) {
     throw_invalid_argument(env, "startRun: the second argument must be a Model from openModel()");
@@ -205,11 +237,11 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
   if (!info[3].IsUndefined() && !info[3].IsFunction()) {
     throw_invalid_argument(env, "startRun: onStep must be a function");
   }
-  auto* device_wrap = CpuDeviceWrap::Unwrap(info[0].As<Napi::Object>());
   auto* model_wrap = ModelWrap::Unwrap(info[1].As<Napi::Object>());
 
   auto state = std::make_shared<RunState>();
-  state->device = device_wrap->device(env);
+  state->device = device_wrap->device_or_null();
+  if (!state->device) throw_invalid_argument(env, "startRun: the device has been disposed");
   state->model = model_wrap->model(env);
   state->request = parse_request(env, info[2]);
   state->deferred.emplace(Napi::Promise::Deferred::New(env));

@@ -32,8 +32,24 @@ Arena::Arena(size_t capacity, std::string owner) : owner_(std::move(owner)), cap
   free_.emplace(0, usable_);
 }
 
+Arena::Arena(void* base, size_t capacity, std::string owner)
+    : owner_(std::move(owner)), capacity_(capacity) {
+  usable_ = capacity / kAlignment * kAlignment;
+  if (usable_ == 0 || base == nullptr) {
+    throw InvalidArgumentError(owner_ + ": device memory capacity must be at least " +
+                               std::to_string(kAlignment) + " bytes (got " +
+                               std::to_string(capacity) + ")");
+  }
+  if (reinterpret_cast<uintptr_t>(base) % kAlignment != 0) {
+    throw InvalidArgumentError(owner_ + ": device memory must be " + std::to_string(kAlignment) +
+                               "-byte aligned");
+  }
+  base_ = static_cast<uint8_t*>(base);
+  free_.emplace(0, usable_);
+}
+
 Arena::~Arena() {
-  if (base_) munmap(base_, mapped_);
+  if (base_ && mapped_ != 0) munmap(base_, mapped_);
 }
 
 void* Arena::allocate(size_t bytes) {

@@ -5,7 +5,8 @@
  *
  * Errors: every native failure reaches JS as an `Error` whose `name` is the native error's name
  * (`DeviceOutOfMemoryError`, `ModelFormatError`, `InvalidArgumentError`, `CancelledError`,
- * `DeviceBusyError`, `IoError`); `mapNativeError` in ./addon turns them into typed classes.
+ * `DeviceBusyError`, `IoError`, `DeviceUnavailableError`, `IntegrityError`); `mapNativeError` in
+ * ./addon turns them into typed classes.
  */
 
 /** Options of a CPU device. */
@@ -18,14 +19,45 @@ export interface CpuDeviceOptions {
   threads?: number;
 }
 
-export interface NativeDeviceInfo {
+/** Options of a CUDA device. */
+export interface CudaDeviceOptions {
+  /** Which GPU. @default 0 */
+  ordinal?: number;
+  /** Device memory reserved for the arena (one cudaMalloc); 0 = free memory − 256 MiB. @default 0 */
+  capacityBytes?: number;
+}
+
+/** What every device kind reports. */
+export interface NativeDeviceInfoBase {
+  /** "cpu", or the GPU's name ("NVIDIA H100 80GB HBM3"). */
   name: string;
-  kind: "cpu";
+  kind: "cpu" | "cuda";
   totalBytes: number;
+  /**
+   * What a new job can have: unallocated memory plus resident weights cached from earlier jobs
+   * that no job holds (they are evicted when a plan needs the memory).
+   */
   freeBytes: number;
+  /** The copy stream's host→device rate from the last `measureCopyRate()`, GB/s; 0 = not measured. */
+  peakCopyGbps: number;
+}
+
+export interface NativeCpuDeviceInfo extends NativeDeviceInfoBase {
+  kind: "cpu";
+  /** Emulated link rate, GB/s; 0 = memory speed. */
   linkGbps: number;
   threads: number;
 }
+
+export interface NativeCudaDeviceInfo extends NativeDeviceInfoBase {
+  kind: "cuda";
+  ordinal: number;
+  /** Whether the linears run on cuBLAS (else Ferry's tiled CUDA kernels). */
+  cublas: boolean;
+}
+
+/** The CPU device's info (the name predates the CUDA device). */
+export type NativeDeviceInfo = NativeCpuDeviceInfo;
 
 export interface NativeDeviceStats {
   /** Device allocations made since the device was created (per-step churn shows here). */
@@ -36,14 +68,27 @@ export interface NativeDeviceStats {
   /** Bytes of device memory ever touched (the CPU arena commits pages lazily). */
   committedBytes: number;
   largestFreeBlock: number;
+  /** Device bytes of resident weights kept between jobs (part of `inUseBytes`). */
+  residentCacheBytes: number;
+  /** Base segments those are. */
+  residentCacheEntries: number;
   /** A run holds the device. */
   busy: boolean;
 }
 
 /** A device (opaque). It runs one job at a time. */
-export interface NativeDevice {
-  info(): NativeDeviceInfo;
+export interface NativeDevice<Info extends NativeDeviceInfoBase = NativeCpuDeviceInfo> {
+  info(): Info;
   stats(): NativeDeviceStats;
+  /**
+   * Measures the copy stream's peak host→device rate (GB/s) with a few copies of up to `bytes`
+   * (default 64 MiB, less when less device memory is free) from pinned host memory, and keeps it
+   * as `info().peakCopyGbps`. Blocks the caller for the copies (tens of ms); throws
+   * DeviceBusyError while a run holds the device.
+   */
+  measureCopyRate(bytes?: number): number;
+  /** Frees the resident weights kept from earlier jobs (those a running job holds stay). */
+  clearResidency(): void;
   /**
    * Frees the device. A run in progress keeps it alive until the run ends; any later call on
    * this handle throws `InvalidArgumentError`. Idempotent.
@@ -123,6 +168,30 @@ export interface NativeRunRequest {
   input?: Float32Array;
   /** Must cover base segments 0..n−1 in order, each exactly once. */
   segments: NativePlanSegment[];
+  /**
+   * Staging slots (prefetch depth d, at most 16). 0 = sd.cpp's serial execution: a fresh device
+   * buffer per segment per step, copy then compute. d ≥ 1: buffers allocated once per job,
+   * streamed segments cycle through d slots, segment k+d copies while segment k computes (across
+   * steps too), and resident weights stay on the device for later jobs. Same output bits either
+   * way. @default 0
+   */
+  slots?: number;
+  /**
+   * Where weights wait on the host: "cpu" keeps them in the params cache, "disk" drops each
+   * segment's host copy after its transfer and reads it again when next needed. "" = "cpu".
+   * @default "cpu"
+   */
+  paramsBackend?: "cpu" | "disk" | "";
+  /**
+   * When weights are read: "lazy" at first use (inside step 1), "eager" all before step 1,
+   * "background" by a reader in plan order from job start. "" = "lazy". @default "lazy"
+   */
+  load?: "lazy" | "eager" | "background" | "";
+  /**
+   * Checksum each base segment's host params at first use in the job and check every device copy
+   * against it; a mismatch fails the run with IntegrityError. @default false
+   */
+  verify?: boolean;
 }
 
 export type NativeEventKind = "segment" | "prepare_params" | "h2d" | "compute";
@@ -141,6 +210,8 @@ export interface NativeRunEvent {
   source?: NativeParamSource;
   /** prepare_params: whether it had to read from disk. */
   cold?: boolean;
+  /** compute: how long it waited for its weights (its part of the step's `stallUs`). */
+  stallUs?: number;
 }
 
 /** What one step did, delivered after the step (never blocking the run). */
@@ -155,7 +226,19 @@ export interface NativeStepReport {
   diskBytes: number;
   /** Device memory high-water mark during this step. */
   arenaPeakBytes: number;
-  /** Per merged segment: a "segment" event, then its prepare_params / h2d / compute. */
+  /**
+   * How long compute waited for weights this step, µs: Σ of the gaps between one segment's
+   * compute and the next (from the step's start for the first). A serial run waits for every
+   * prepare and copy; an overlapped one only for what prefetching did not hide.
+   */
+  stallUs: number;
+  /** Step 1: resident weight bytes an earlier job on this device left there (not copied). */
+  residentHitBytes: number;
+  /**
+   * Per merged segment: a "segment" event, then its prepare_params / h2d / compute. In an
+   * overlapped run a segment's prepare_params and h2d may start before the step does (they were
+   * prefetched during the previous step); the segment event spans them.
+   */
   events: NativeRunEvent[];
 }
 
@@ -192,7 +275,14 @@ export interface NativeScratchDims {
 export interface NativeAddon {
   /** The package version the addon was built from. */
   version(): string;
-  CpuDevice: new (options: CpuDeviceOptions) => NativeDevice;
+  CpuDevice: new (options: CpuDeviceOptions) => NativeDevice<NativeCpuDeviceInfo>;
+  /**
+   * A GPU. Throws DeviceUnavailableError when this build has no CUDA support or there is no such
+   * GPU; check `cudaAvailable()` first.
+   */
+  CudaDevice: new (options?: CudaDeviceOptions) => NativeDevice<NativeCudaDeviceInfo>;
+  /** Whether this build has the CUDA device and the CUDA runtime sees a GPU. */
+  cudaAvailable(): boolean;
   /** Opens, parses and validates a Ferry DiT safetensors file off the main thread. */
   openModel(path: string): Promise<NativeModel>;
   /** Scratch bytes one base segment's kernels need (kernels::*_scratch_bytes). */
@@ -203,7 +293,7 @@ export interface NativeAddon {
    * it throws, the run stops and `done` rejects with that error.
    */
   startRun(
-    device: NativeDevice,
+    device: NativeDevice<NativeDeviceInfoBase>,
     model: NativeModel,
     request: NativeRunRequest,
     onStep?: (report: NativeStepReport) => void,

@@ -43,6 +43,16 @@ export class IoError extends Error {
   path?: string;
 }
 
+/** The device is not on this machine or in this build (no GPU, no CUDA support compiled in). */
+export class DeviceUnavailableError extends Error {
+  override name = "DeviceUnavailableError";
+}
+
+/** A transfer's bytes on the device do not match their host source (`verify`). */
+export class IntegrityError extends Error {
+  override name = "IntegrityError";
+}
+
 const errorClasses: Record<string, new (message: string, options?: ErrorOptions) => Error> = {
   DeviceOutOfMemoryError,
   ModelFormatError,
@@ -50,6 +60,8 @@ const errorClasses: Record<string, new (message: string, options?: ErrorOptions)
   CancelledError,
   DeviceBusyError,
   IoError,
+  DeviceUnavailableError,
+  IntegrityError,
 };
 
 /**
