@@ -86,6 +86,14 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     expect(
       codeOf(await client.submitJob(baseSpec(modelPath, { executorId: "nope" })).catch((e) => e)),
     ).toBe("NOT_FOUND");
+    expect(
+      codeOf(await client.submitJob(baseSpec(modelPath, { load: "sometimes" })).catch((e) => e)),
+    ).toBe("INVALID_ARGUMENT");
+    expect(
+      codeOf(
+        await client.submitJob(baseSpec(modelPath, { paramsBackend: "tape" })).catch((e) => e),
+      ),
+    ).toBe("INVALID_ARGUMENT");
     expect(codeOf(await client.watchJob("job-missing").catch((e) => e))).toBe("NOT_FOUND");
     expect(codeOf(await client.cancelJob("job-missing").catch((e) => e))).toBe("NOT_FOUND");
   });

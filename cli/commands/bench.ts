@@ -5,6 +5,8 @@
  *   speed on a 1,000-segment profile.
  * - `ferry bench predict [--json]`: predicted vs measured step time on a real executor with an
  *   emulated link, for both policies, after the scheduler calibrated the executor (bench/predict.ts).
+ * - `ferry bench executor [--json]`: sdcpp vs ferry plans run on one executor, copy efficiency,
+ *   gRPC overhead (bench/executor.ts).
  * - `ferry bench profiles --out DIR`: writes those profiles as profile files
  *   (DIR/models/*.json, DIR/devices/*.json) for `ferry plan --profile … --device-profile …`.
  */
@@ -18,6 +20,7 @@ import {
   planBenchMarkdown,
   runPlanBench,
 } from "../../bench/plan";
+import { registerBenchExecutor } from "../../bench/executor";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
@@ -127,6 +130,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
         io.stdout(json ? `${JSON.stringify(rows, null, 2)}\n` : formatPredictBench(rows));
       })();
     });
+  registerBenchExecutor(bench);
   bench
     .command("profiles")
     .description("write the bench's model and device profiles as profile files")

@@ -2,7 +2,13 @@ import type { Command } from "commander";
 import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
 import { parseBytes } from "../../lib/config/units";
 import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
-import { Executor } from "../../services/executor/executor";
+import {
+  Executor,
+  LOAD_MODES,
+  PARAMS_BACKENDS,
+  type LoadMode,
+  type ParamsBackend,
+} from "../../services/executor/executor";
 import { action, onShutdownSignal } from "../action";
 
 interface ExecutorFlags {
@@ -12,6 +18,8 @@ interface ExecutorFlags {
   linkGbps: string;
   threads: string;
   id?: string;
+  paramsBackend: string;
+  load: string;
 }
 
 export function register(program: Command): void {
@@ -20,7 +28,7 @@ export function register(program: Command): void {
     .command("executor")
     .description("run an executor: owns one device, connects to the scheduler, runs its plans")
     .option("--scheduler <host:port>", "scheduler address (FERRY_SCHEDULER)", defaults.scheduler)
-    .option("--device <kind>", "device kind: cpu (FERRY_DEVICE)", defaults.device)
+    .option("--device <kind>", "device kind: cpu or cuda (FERRY_DEVICE)", defaults.device)
     .option("--vram <size>", "device memory, e.g. 2GiB, 768MiB (FERRY_VRAM)", defaults.vram)
     .option(
       "--link-gbps <rate>",
@@ -29,15 +37,29 @@ export function register(program: Command): void {
     )
     .option("--threads <n>", "kernel threads; 0 = one per core (FERRY_THREADS)", defaults.threads)
     .option("--id <id>", "executor id (FERRY_EXECUTOR_ID)", defaults.executorId)
+    .option(
+      "--params-backend <backend>",
+      "default for jobs: cpu (weights kept in host memory) or disk (read when needed, released after use)",
+      "cpu",
+    )
+    .option("--load <mode>", "default for jobs: lazy, eager or background", "background")
     .action(
       action("executor", async (options: ExecutorFlags) => {
-        if (options.device !== "cpu") {
-          throw new Error(`--device ${options.device} is not available in this build (use cpu)`);
+        if (options.device !== "cpu" && options.device !== "cuda") {
+          throw new Error(`--device must be cpu or cuda (got '${options.device}')`);
+        }
+        if (!PARAMS_BACKENDS.includes(options.paramsBackend as ParamsBackend)) {
+          throw new Error(`--params-backend must be one of ${PARAMS_BACKENDS.join(", ")}`);
+        }
+        if (!LOAD_MODES.includes(options.load as LoadMode)) {
+          throw new Error(`--load must be one of ${LOAD_MODES.join(", ")}`);
         }
         setupTracing("ferry-executor");
         const executor = new Executor({
           scheduler: options.scheduler,
-          device: "cpu",
+          device: options.device,
+          paramsBackend: options.paramsBackend as ParamsBackend,
+          load: options.load as LoadMode,
           vramBytes: parseBytes(options.vram),
           linkGbps: parseNumberFlag("--link-gbps", options.linkGbps, 0, 10_000),
           threads: parseIntegerFlag("--threads", options.threads, 0, 1024),

@@ -22,6 +22,9 @@ interface RunFlags {
   executor?: string;
   json?: boolean;
   output?: string;
+  paramsBackend?: string;
+  load?: string;
+  verify?: boolean;
 }
 
 /** Per-step timing line, as `ferry run` and `ferry demo` print it. */
@@ -77,6 +80,9 @@ export function register(program: Command): void {
     .option("--policy <name>", "planning policy: sdcpp", "sdcpp")
     .option("--no-stream", "keep every segment resident (fails if the model does not fit)")
     .option("--executor <id>", "run on this executor")
+    .option("--params-backend <backend>", "cpu or disk (default: the executor's)")
+    .option("--load <mode>", "lazy, eager or background (default: the executor's)")
+    .option("--verify", "checksum each segment at first load and verify every transfer")
     .option("--json", "print the result as JSON")
     .option("--output <path>", "write the output tensor as raw little-endian float32 [B,T,C]")
     .action(
@@ -97,9 +103,9 @@ export function register(program: Command): void {
             policy: flags.policy,
             noStream: !flags.stream,
             executorId: flags.executor ?? "",
-            paramsBackend: "",
-            load: "",
-            verify: false,
+            paramsBackend: flags.paramsBackend ?? "",
+            load: flags.load ?? "",
+            verify: flags.verify ?? false,
           };
           let submitted: SubmitJobResponse | undefined;
           const result = await client.runJob(

@@ -17,7 +17,14 @@ import { contextFromTraceparent } from "../../lib/telemetry/tracing";
 import { GRPC_MESSAGE_LIMIT } from "../scheduler/server";
 import { statusName, toStatusError } from "../scheduler/statusError";
 import { loadAddon, mapNativeError } from "./native/addon";
-import type { NativeDevice, NativeModel, NativeRun, NativeStepReport } from "./native/AddonTypes";
+import type {
+  NativeCpuDeviceInfo,
+  NativeCudaDeviceInfo,
+  NativeDevice,
+  NativeModel,
+  NativeRun,
+  NativeStepReport,
+} from "./native/AddonTypes";
 import { recordStepSpans } from "./stepSpans";
 
 export interface ExecutorOptions {
@@ -35,6 +42,10 @@ export interface ExecutorOptions {
   id?: string;
   /** How many opened models (and their host params caches) to keep warm. @default 2 */
   maxWarmModels?: number;
+  /** Params backend of jobs that do not choose one: "cpu" (kept in host memory) or "disk". @default "cpu" */
+  paramsBackend?: ParamsBackend;
+  /** Load mode of jobs that do not choose one. @default "background" */
+  load?: LoadMode;
   log?: (line: string) => void;
 }
 
@@ -46,6 +57,27 @@ interface WarmModel {
 
 type Lifecycle = "starting" | "running" | "draining" | "stopped";
 
+export type ParamsBackend = "cpu" | "disk";
+export type LoadMode = "lazy" | "eager" | "background";
+export const PARAMS_BACKENDS: readonly ParamsBackend[] = ["cpu", "disk"];
+export const LOAD_MODES: readonly LoadMode[] = ["lazy", "eager", "background"];
+
+/** A job's option, or the executor's default; an unknown value is the job's error. */
+function jobOption<T extends string>(
+  name: string,
+  value: string,
+  known: readonly T[],
+  fallback: T,
+): T {
+  if (!value) return fallback;
+  if (!known.includes(value as T)) {
+    throw Object.assign(new Error(`unknown ${name} '${value}' (known: ${known.join(", ")})`), {
+      name: "InvalidArgumentError",
+    });
+  }
+  return value as T;
+}
+
 /**
  * An executor process's runtime: owns the native device, dials the scheduler's Connect stream,
  * registers, heartbeats, and runs the jobs it is sent (one at a time) in native code.
@@ -54,7 +86,7 @@ type Lifecycle = "starting" | "running" | "draining" | "stopped";
 export class Executor {
   readonly id: string;
   private readonly addon = loadAddon();
-  private readonly device: NativeDevice;
+  private readonly device: NativeDevice<NativeCpuDeviceInfo | NativeCudaDeviceInfo>;
   private readonly client: SchedulerServiceClient;
   private readonly log: (line: string) => void;
   private readonly warm = new Map<string, WarmModel>();
@@ -71,16 +103,23 @@ export class Executor {
   constructor(private readonly options: ExecutorOptions) {
     this.log = options.log ?? ((line) => console.error(line));
     this.id = options.id ?? `${hostname()}-${randomUUID().slice(0, 6)}`;
-    if ((options.device ?? "cpu") !== "cpu") {
-      throw new Error(
-        `device '${options.device}' is not available in this build; use --device cpu`,
-      );
+    if (options.device === "cuda") {
+      if (!this.addon.cudaAvailable()) {
+        throw new Error(
+          "--device cuda: no CUDA GPU is available on this machine (or in this build)",
+        );
+      }
+      this.device = new this.addon.CudaDevice({ capacityBytes: options.vramBytes });
+    } else {
+      this.device = new this.addon.CpuDevice({
+        capacityBytes: options.vramBytes,
+        linkGbps: options.linkGbps ?? 0,
+        threads: options.threads ?? 0,
+      });
     }
-    this.device = new this.addon.CpuDevice({
-      capacityBytes: options.vramBytes,
-      linkGbps: options.linkGbps ?? 0,
-      threads: options.threads ?? 0,
-    });
+    // The copy rate the planner starts from, measured on this device's own copy engine (the
+    // emulated link included); the scheduler refines it from real jobs.
+    this.device.measureCopyRate();
     this.client = new SchedulerServiceClient(options.scheduler, credentials.createInsecure(), {
       "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
       "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
@@ -97,8 +136,8 @@ export class Executor {
       kind: info.kind,
       totalBytes: info.totalBytes,
       freeBytes: info.freeBytes,
-      h2dGbps: info.linkGbps,
-      threads: info.threads,
+      h2dGbps: info.peakCopyGbps,
+      threads: "threads" in info ? Number(info.threads) : 0,
       // Measured from this executor's jobs by the scheduler (calibration); unknown at start.
       tflops: 0,
       dispatchUs: 0,
@@ -253,6 +292,14 @@ export class Executor {
             computeBufferBytes: segment.computeBufferBytes,
           })),
           slots: plan.slots,
+          paramsBackend: jobOption(
+            "params backend",
+            spec.paramsBackend,
+            PARAMS_BACKENDS,
+            this.options.paramsBackend ?? "cpu",
+          ),
+          load: jobOption("load mode", spec.load, LOAD_MODES, this.options.load ?? "background"),
+          verify: spec.verify,
         },
         (report: NativeStepReport) => {
           recordStepSpans(parent, jobId, report);

@@ -270,6 +270,18 @@ export class Scheduler {
         `unknown policy '${policy}' (known: ${KNOWN_POLICIES.join(", ")})`,
       );
     }
+    if (spec.paramsBackend && !["cpu", "disk"].includes(spec.paramsBackend)) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `unknown params backend '${spec.paramsBackend}' (known: cpu, disk)`,
+      );
+    }
+    if (spec.load && !["lazy", "eager", "background"].includes(spec.load)) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `unknown load mode '${spec.load}' (known: lazy, eager, background)`,
+      );
+    }
     if (spec.maxVramGib !== undefined && !Number.isFinite(spec.maxVramGib)) {
       throw new StatusError(status.INVALID_ARGUMENT, "max_vram_gib must be a finite number");
     }
