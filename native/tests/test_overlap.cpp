@@ -10,6 +10,7 @@
 #include "ferry/cpu_device.h"
 #include "ferry/errors.h"
 #include "ferry/runner.h"
+#include "runner_fixture.h"
 #include "test_support.h"
 
 using namespace ferry;
@@ -20,34 +21,12 @@ namespace {
 constexpr int64_t kBatch = 2, kTokens = 5, kSteps = 3;
 constexpr size_t kCapacity = size_t{8} << 20;
 
-struct Fixture {
-  TempDir dir;
-  std::string path;
-  std::shared_ptr<DitModel> model;
-  explicit Fixture(const DitSpec& spec = DitSpec{}) {
-    path = dir.file("model.safetensors");
-    write_dit(path, spec);
-    model = DitModel::open(path);
-  }
-};
-
 uint64_t scratch_for(const DitModel& m, int64_t first, int64_t last) {
-  const DitDims d = job_dims(m.dims(), kBatch, kTokens);
-  uint64_t s = 0;
-  for (int64_t b = first; b <= last; b++) {
-    s = std::max<uint64_t>(s, segment_scratch_bytes(m.base_segments()[b].kind, d));
-  }
-  return s;
+  return ferry_test::scratch_for(m, first, last, kBatch, kTokens);
 }
 
-using Groups = std::vector<std::tuple<int64_t, int64_t, bool>>;
-
-std::vector<PlanSegment> plan(const DitModel& m, const Groups& spec) {
-  std::vector<PlanSegment> out;
-  for (auto [first, last, resident] : spec) {
-    out.push_back({first, last, resident, scratch_for(m, first, last)});
-  }
-  return out;
+std::vector<PlanSegment> plan(const DitModel& m, const Groups& groups) {
+  return plan_of(m, groups, kBatch, kTokens);
 }
 
 Groups per_base(const DitModel& m, bool resident) {
