@@ -92,9 +92,10 @@ describe("a job end to end", () => {
     await cluster.client.runJob(oneAtATime());
     const { executors } = await cluster.client.listExecutors();
     const calibrated = executors[0].calibrated!;
-    // Registered with no compute rate; the scheduler now plans with a measured one.
-    expect(executors[0].device!.tflops).toBe(0);
+    // Registered with the start-up probe's rate; the scheduler now plans with a refined one.
+    expect(executors[0].device!.tflops).toBeGreaterThan(0);
     expect(calibrated.tflops).toBeGreaterThan(0);
+    expect(calibrated.tflops).not.toBe(executors[0].device!.tflops);
     expect(Number.isFinite(calibrated.dispatchUs)).toBe(true);
   });
 

@@ -65,7 +65,7 @@ export function register(program: Command): void {
           threads: parseIntegerFlag("--threads", options.threads, 0, 1024),
           id: options.id,
         });
-        executor.start();
+        await executor.start();
         process.stderr.write(
           `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${options.scheduler}\n`,
         );

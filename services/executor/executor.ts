@@ -25,6 +25,7 @@ import type {
   NativeRun,
   NativeStepReport,
 } from "./native/AddonTypes";
+import { probeCompute, type ComputeProbe } from "./probe";
 import { recordStepSpans } from "./stepSpans";
 
 export interface ExecutorOptions {
@@ -46,6 +47,8 @@ export interface ExecutorOptions {
   paramsBackend?: ParamsBackend;
   /** Load mode of jobs that do not choose one. @default "background" */
   load?: LoadMode;
+  /** Measure the compute rate and dispatch overhead at start-up. @default true */
+  probe?: boolean;
   log?: (line: string) => void;
 }
 
@@ -96,6 +99,7 @@ export class Executor {
   private reconnectDelayMs = 250;
   private current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } | undefined;
   private lifecycle: Lifecycle = "starting";
+  private computeProbe: ComputeProbe | undefined;
   private registeredResolve: (() => void) | undefined;
   /** Resolves once the scheduler has acknowledged the first registration. */
   readonly registered: Promise<void>;
@@ -138,15 +142,24 @@ export class Executor {
       freeBytes: info.freeBytes,
       h2dGbps: info.peakCopyGbps,
       threads: "threads" in info ? Number(info.threads) : 0,
-      // Measured from this executor's jobs by the scheduler (calibration); unknown at start.
-      tflops: 0,
-      dispatchUs: 0,
+      // From the start-up probe; the scheduler refines both from this executor's jobs.
+      tflops: this.computeProbe?.tflops ?? 0,
+      dispatchUs: this.computeProbe?.dispatchUs ?? 0,
     };
   }
 
-  start(): void {
+  /** Probes the device's compute rate (unless disabled), then dials the scheduler. */
+  async start(): Promise<void> {
     if (this.lifecycle !== "starting") return;
     this.lifecycle = "running";
+    if (this.options.probe ?? true) {
+      try {
+        this.computeProbe = await probeCompute(this.addon, this.device);
+      } catch (error) {
+        // Not fatal: the scheduler calibrates from the first real job instead.
+        this.log(`ferry executor ${this.id}: compute probe failed: ${(error as Error).message}`);
+      }
+    }
     this.connect();
   }
 
