@@ -34,7 +34,8 @@ export function formatStep(progress: JobProgress): string {
   return (
     `step ${s.step}/${progress.steps}  ${s.stepSeconds.toFixed(3)} s  ` +
     `(prepare ${s.prepareSeconds.toFixed(3)} s, h2d ${s.h2dSeconds.toFixed(3)} s, ` +
-    `compute ${s.computeSeconds.toFixed(3)} s; ${formatBytes(s.h2dBytes)} copied, ` +
+    `compute ${s.computeSeconds.toFixed(3)} s, compute waited ${s.stallSeconds.toFixed(3)} s; ` +
+    `${formatBytes(s.h2dBytes)} copied, ` +
     `${formatBytes(s.diskBytes)} read)`
   );
 }
@@ -54,6 +55,7 @@ export function runResultJson(submitted: SubmitJobResponse, result: JobResult) {
       prepare_s: step.prepareSeconds,
       h2d_s: step.h2dSeconds,
       compute_s: step.computeSeconds,
+      stall_s: step.stallSeconds,
       h2d_bytes: step.h2dBytes,
       disk_bytes: step.diskBytes,
       arena_peak_bytes: step.arenaPeakBytes,

@@ -451,8 +451,6 @@ function stepStatsOf(report: NativeStepReport): StepStats {
     diskBytes: report.diskBytes,
     arenaPeakBytes: report.arenaPeakBytes,
     segments,
-    stallSeconds: (report as { stallUs?: number }).stallUs
-      ? (report as { stallUs?: number }).stallUs! / 1e6
-      : 0,
+    stallSeconds: report.stallUs / 1e6,
   };
 }
