@@ -17,7 +17,7 @@ import {
   type GgufValue,
   type GgufValueType,
 } from "./gguf";
-import { BufferedFileWriter, isChunkIterable, type TensorChunks } from "./safetensors";
+import { BufferedFileWriter, writeTensorData, type TensorChunks } from "./safetensors";
 
 /** One tensor to write. Its data is pulled only when the writer reaches it. */
 export interface GgufTensorToWrite {
@@ -288,21 +288,10 @@ export async function writeGguf(
     for (let i = 0; i < tensors.length; i++) {
       const t = tensors[i]!;
       const expected = sizes[i]!;
-      let got = 0;
-      const source = typeof t.data === "function" ? await t.data() : t.data;
-      const chunks: TensorChunks = isChunkIterable(source) ? source : [source];
-      for await (const chunk of chunks) {
-        got += chunk.length;
-        if (got > expected) break;
-        await out.write(chunk);
-        dataWritten += chunk.length;
+      await writeTensorData(out, t, expected, `${t.type} ne [${t.ne.join(", ")}]`, (bytes) => {
+        dataWritten += bytes;
         options.onProgress?.(dataWritten, dataBytes);
-      }
-      if (got !== expected) {
-        throw new RangeError(
-          `tensor "${t.name}": data has ${got > expected ? `more than ${expected}` : got} bytes, but ${t.type} ne [${t.ne.join(", ")}] needs ${expected}`,
-        );
-      }
+      });
       const pad = (alignment - (expected % alignment)) % alignment;
       if (pad > 0) {
         await out.write(padding.subarray(0, pad));

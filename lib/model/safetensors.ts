@@ -362,6 +362,34 @@ export interface TensorToWrite {
   data: Uint8Array | (() => Uint8Array | TensorChunks | Promise<Uint8Array>);
 }
 
+/**
+ * Streams one tensor's data (bytes, or the chunks its producer yields when its turn comes) to
+ * `out`, checking it is exactly `expected` bytes; `layout` names the dtype and shape in the
+ * error. Shared by the safetensors and GGUF writers.
+ */
+export async function writeTensorData(
+  out: BufferedFileWriter,
+  tensor: { name: string; data: TensorToWrite["data"] },
+  expected: number,
+  layout: string,
+  onWritten: (bytes: number) => void,
+): Promise<void> {
+  let got = 0;
+  const source = typeof tensor.data === "function" ? await tensor.data() : tensor.data;
+  const chunks: TensorChunks = isChunkIterable(source) ? source : [source];
+  for await (const chunk of chunks) {
+    got += chunk.length;
+    if (got > expected) break;
+    await out.write(chunk);
+    onWritten(chunk.length);
+  }
+  if (got !== expected) {
+    throw new RangeError(
+      `tensor "${tensor.name}": data has ${got > expected ? `more than ${expected}` : got} bytes, but ${layout} needs ${expected}`,
+    );
+  }
+}
+
 export interface WriteSafetensorsOptions {
   /** Called after each chunk with the bytes of data written so far and the total. */
   onProgress?: (written: number, total: number) => void;
@@ -496,21 +524,10 @@ export async function writeSafetensors(
       const t = tensors[i]!;
       const [b, e] = offsets[i]!;
       const expected = e - b;
-      let got = 0;
-      const source = typeof t.data === "function" ? await t.data() : t.data;
-      const chunks: TensorChunks = isChunkIterable(source) ? source : [source];
-      for await (const chunk of chunks) {
-        got += chunk.length;
-        if (got > expected) break;
-        await out.write(chunk);
-        dataWritten += chunk.length;
+      await writeTensorData(out, t, expected, `${t.dtype} [${t.shape.join(", ")}]`, (bytes) => {
+        dataWritten += bytes;
         options.onProgress?.(dataWritten, dataBytes);
-      }
-      if (got !== expected) {
-        throw new RangeError(
-          `tensor "${t.name}": data has ${got > expected ? `more than ${expected}` : got} bytes, but ${t.dtype} [${t.shape.join(", ")}] needs ${expected}`,
-        );
-      }
+      });
     }
     await out.flush();
     await fh.sync();
