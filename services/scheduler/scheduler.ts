@@ -153,7 +153,9 @@ export class Scheduler {
           this.onJobUpdate(connection, message.value);
         }
       } catch (error) {
-        this.log(`ferry scheduler: bad message from executor: ${String(error)}`);
+        // A malformed Register ends the stream with its status; other bad messages are logged.
+        if (error instanceof StatusError && !connection) stream.emit("error", error);
+        else this.log(`ferry scheduler: bad message from executor: ${String(error)}`);
       }
     });
     const detach = (reason: string) => {
