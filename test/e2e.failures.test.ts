@@ -75,16 +75,6 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     expect(codeOf(error)).toBe("INVALID_ARGUMENT");
   });
 
-  it("plans a GGUF model but says executors do not run GGUF yet", async () => {
-    const gguf = join(dir, "tiny.gguf");
-    await genModel(gguf, { blocks: 2, hidden: 32, heads: 2, channels: 32, dtype: "q8_0" });
-    const { plan } = await cluster.client.getPlan(baseSpec(gguf));
-    expect(plan!.baseSegmentNames).toEqual(["prelude", "blocks.0", "blocks.1", "final"]);
-    const error = await cluster.client.submitJob(baseSpec(gguf)).catch((e: unknown) => e);
-    expect(codeOf(error)).toBe("UNIMPLEMENTED");
-    expect((error as Error).message).toMatch(/GGUF/);
-  });
-
   it("rejects bad specs and unknown jobs and executors", async () => {
     const { client } = cluster;
     expect(codeOf(await client.submitJob(baseSpec(modelPath, { steps: 0 })).catch((e) => e))).toBe(

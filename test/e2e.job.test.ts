@@ -114,6 +114,24 @@ describe("a job end to end", () => {
     expect(plan.lower_bound_s).toBeLessThanOrEqual(plan.predicted_step_s);
   });
 
+  it("runs a quantized GGUF model through the scheduler", async () => {
+    const gguf = join(dir, "tiny-q8_0.gguf");
+    await genModel(gguf, { blocks: 3, hidden: 64, heads: 4, channels: 32, seed: 7, dtype: "q8_0" });
+    const result = await cluster.client.runJob(spec({ modelPath: gguf, maxVramGib: 0.7 / 1024 }));
+    const native = new Float32Array(
+      result.output.buffer.slice(
+        result.output.byteOffset,
+        result.output.byteOffset + result.output.byteLength,
+      ),
+    );
+    const reference = await runReference(gguf, { batch: 2, tokens: 16, steps: 3, seed: 0 });
+    let worst = 0;
+    for (let i = 0; i < native.length; i++) {
+      worst = Math.max(worst, Math.abs(native[i] - reference[i]));
+    }
+    expect(worst).toBeLessThan(1e-4);
+  });
+
   it("matches the TypeScript reference of the model within 1e-4", async () => {
     const result = await cluster.client.runJob(oneAtATime());
     expect(result.outputShape).toEqual([2, 16, 8]);

@@ -74,7 +74,10 @@ export async function startCluster(executorSpecs: ExecutorSpec[]): Promise<Clust
   const logs: string[] = [];
   const server = await startSchedulerServer({
     listen: "127.0.0.1:0",
-    heartbeatIntervalMs: 200,
+    // Generous: on a loaded 2-core machine an executor's event loop can stall for a second or
+    // more, and declaring it dead then fails its job for nothing.
+    heartbeatIntervalMs: 500,
+    heartbeatMissLimit: 20,
     log: (line) => logs.push(`${line}\n`),
   });
   const client = new SchedulerClient(server.address);

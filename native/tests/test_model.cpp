@@ -145,7 +145,7 @@ void rejects_bad_layouts() {
         auto& w = named(t, "final.out.bias");
         w.dtype = "I32";
       },
-      "tensor \"final.out.bias\" has dtype I32; DiT weights must be F32, F16 or BF16");
+      "tensor \"final.out.bias\" has dtype I32; DiT weights must be F32, F16, BF16, Q8_0 or Q4_0");
   expect_bad([](M&, T& t) { t.erase(t.begin()); }, "missing tensor \"embed.weight\"");
   expect_bad(
       [](M&, T& t) {

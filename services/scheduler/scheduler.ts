@@ -15,7 +15,6 @@ import {
   type JobUpdate,
   type Plan as PlanMessage,
 } from "../../gen/ferry/v1/scheduler";
-import { sniffModelFormat } from "../../lib/model/modelFile";
 import { modelProfileFromFile } from "../../lib/model/segments";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
 import { Job, type ResolvedJobSpec } from "./jobs";
@@ -362,14 +361,6 @@ export class Scheduler {
     const resolved = this.resolveSpec(spec);
     const executor = this.pickExecutor(resolved);
     const { plan, segmentFlops } = await this.planFor(resolved, executor);
-    if ((await sniffModelFormat(resolved.modelPath)) === "gguf") {
-      // Planned fine (header only); the executors' native reader is safetensors-only so far.
-      throw new StatusError(
-        status.UNIMPLEMENTED,
-        `${resolved.modelPath}: GGUF models can be inspected and planned, but executors run ` +
-          "safetensors models only for now",
-      );
-    }
     const id = `job-${randomUUID().slice(0, 8)}`;
     const span = ferryTracer().startSpan(
       "ferry.job",

@@ -7,7 +7,13 @@
 
 namespace ferry {
 
-enum class DType : uint8_t { F32, F16, BF16 };
+// Q8_0 and Q4_0 are ggml's blocks of 32: an fp16 scale d, then 32 int8 (value q·d), or 16 bytes
+// of nibbles (element j in the low nibble of byte j, element j+16 in the high one; value
+// (nibble − 8)·d). Only 2-D weights may be quantized, with rows a whole number of blocks.
+enum class DType : uint8_t { F32, F16, BF16, Q8_0, Q4_0 };
+
+constexpr int64_t kQuantBlock = 32;
+inline bool dtype_is_quantized(DType dtype) { return dtype == DType::Q8_0 || dtype == DType::Q4_0; }
 
 // Bytes of a tensor of `elements` elements of `dtype`.
 size_t dtype_nbytes(DType dtype, int64_t elements);

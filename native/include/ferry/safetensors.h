@@ -6,6 +6,7 @@
 // ModelFormatError naming the file (and tensor).
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -50,6 +51,10 @@ struct TensorInfo {
   std::vector<int64_t> shape;
   uint64_t begin = 0;  // absolute file offsets of the data
   uint64_t end = 0;
+  // GGUF files: the ggml type (id and name), which covers quantized blocks StDType cannot name;
+  // -1 for safetensors files.
+  int ggml_type = -1;
+  std::string ggml_type_name;
   uint64_t nbytes() const { return end - begin; }
   int64_t elements() const;
 };
@@ -73,6 +78,12 @@ struct SafetensorsHeader {
 SafetensorsHeader parse_safetensors_header(const std::string& label, std::string_view json,
                                            uint64_t header_bytes, uint64_t file_bytes);
 
+// A GGUF v2/v3 header as a SafetensorsHeader (see native/src/model/gguf.cpp): shapes row-major,
+// `ferry-dit.*` metadata under the `ferry.*` names. `read(offset, dst, n)` reads the file.
+SafetensorsHeader parse_gguf_header(const std::string& label, uint64_t file_bytes,
+                                    const std::function<void(uint64_t, void*, size_t)>& read);
+
+// A model file: safetensors or GGUF (sniffed from the magic), behind the same header.
 class SafetensorsFile {
  public:
   // Opens and validates; IoError if the file cannot be opened, ModelFormatError if it is not a

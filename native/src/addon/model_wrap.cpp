@@ -123,7 +123,8 @@ Napi::Value ModelWrap::info(const Napi::CallbackInfo& info) {
   const SafetensorsFile& file = m->file();
   Napi::Object out = Napi::Object::New(env);
   out.Set("path", m->path());
-  out.Set("format", "safetensors");
+  const bool gguf = !file.tensors().empty() && file.tensors().front().ggml_type >= 0;
+  out.Set("format", gguf ? "gguf" : "safetensors");
 
   Napi::Object metadata = Napi::Object::New(env);
   for (const auto& [key, value] : file.metadata()) metadata.Set(key, value);
@@ -134,7 +135,7 @@ Napi::Value ModelWrap::info(const Napi::CallbackInfo& info) {
     const TensorInfo& t = file.tensors()[i];
     Napi::Object o = Napi::Object::New(env);
     o.Set("name", t.name);
-    o.Set("dtype", st_dtype_name(t.dtype));
+    o.Set("dtype", t.ggml_type >= 0 ? t.ggml_type_name : std::string(st_dtype_name(t.dtype)));
     o.Set("shape", shape_array(env, t.shape));
     o.Set("offset", size_value(env, t.begin));
     o.Set("bytes", size_value(env, t.nbytes()));

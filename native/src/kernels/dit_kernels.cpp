@@ -62,6 +62,9 @@ void rmsnorm_impl(ThreadPool& pool, const float* x, int64_t m, int64_t d, const 
         return rmsnorm_rows<DType::F16>(x, begin, end, d, weight.data, y);
       case DType::BF16:
         return rmsnorm_rows<DType::BF16>(x, begin, end, d, weight.data, y);
+      case DType::Q8_0:
+      case DType::Q4_0:
+        break;  // refused by rmsnorm()'s checks: norm weights are never quantized
     }
   });
 }
@@ -265,6 +268,9 @@ void final_forward(ThreadPool& pool, const DitDims& dims, const FinalWeights& w,
 void rmsnorm(ThreadPool& pool, const float* x, int64_t m, int64_t d, const TensorView& weight,
              float* y) {
   if (m < 0 || d < 0) throw InvalidArgumentError("rmsnorm: negative size");
+  if (dtype_is_quantized(weight.dtype)) {
+    throw InvalidArgumentError("rmsnorm: the weight must be F32, F16 or BF16");
+  }
   if (weight.elements() != d || weight.shape.size() != 1) {
     throw InvalidArgumentError("rmsnorm: weight has shape " + util::shape_string(weight.shape) +
                                ", expected [" + std::to_string(d) + "]");

@@ -36,6 +36,11 @@ size_t dtype_nbytes(DType dtype, int64_t elements) {
     case DType::F16:
     case DType::BF16:
       return n * 2;
+    // Whole blocks only; callers validate that rows are a multiple of the block.
+    case DType::Q8_0:
+      return n / kQuantBlock * 34;
+    case DType::Q4_0:
+      return n / kQuantBlock * 18;
   }
   return 0;
 }
@@ -48,6 +53,10 @@ const char* dtype_name(DType dtype) {
       return "F16";
     case DType::BF16:
       return "BF16";
+    case DType::Q8_0:
+      return "Q8_0";
+    case DType::Q4_0:
+      return "Q4_0";
   }
   return "?";
 }
@@ -169,6 +178,31 @@ void convert_to_f32(DType dtype, const void* src, float* dst, int64_t n) {
       }
 #endif
       for (; i < n; i++) dst[i] = f16_to_f32(s[i]);
+      return;
+    }
+    case DType::Q8_0: {
+      const uint8_t* block = static_cast<const uint8_t*>(src);
+      for (int64_t i = 0; i < n; i += kQuantBlock, block += 34) {
+        uint16_t scale;
+        std::memcpy(&scale, block, 2);
+        const float d = f16_to_f32(scale);
+        const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
+        for (int64_t j = 0; j < kQuantBlock; j++) dst[i + j] = static_cast<float>(q[j]) * d;
+      }
+      return;
+    }
+    case DType::Q4_0: {
+      const uint8_t* block = static_cast<const uint8_t*>(src);
+      for (int64_t i = 0; i < n; i += kQuantBlock, block += 18) {
+        uint16_t scale;
+        std::memcpy(&scale, block, 2);
+        const float d = f16_to_f32(scale);
+        const uint8_t* q = block + 2;
+        for (int64_t j = 0; j < kQuantBlock / 2; j++) {
+          dst[i + j] = static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8) * d;
+          dst[i + j + kQuantBlock / 2] = static_cast<float>(static_cast<int>(q[j] >> 4) - 8) * d;
+        }
+      }
       return;
     }
   }

@@ -56,6 +56,9 @@ inline float element(const TensorView& v, int64_t i) {
       return element<DType::F16>(v.data, i);
     case DType::BF16:
       return element<DType::BF16>(v.data, i);
+    case DType::Q8_0:
+    case DType::Q4_0:
+      break;  // vectors are never quantized: DitModel and the kernels' checks refuse them
   }
   return 0.0f;
 }

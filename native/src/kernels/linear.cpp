@@ -75,7 +75,8 @@ void run_linear(ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const 
   const int64_t rows_per_part = (row_tiles + row_parts - 1) / row_parts * kMr;
   row_parts = (m + rows_per_part - 1) / rows_per_part;
 
-  const size_t esize = dtype_nbytes(weight.dtype, 1);
+  // Bytes per weight row (quantized rows are whole blocks, so this is not k × element size).
+  const size_t row_bytes = dtype_nbytes(weight.dtype, k);
   const char* wbytes = static_cast<const char*>(weight.data);
   // Converted rows start on 64-byte boundaries, so vector loads never split a cache line, and are
   // an odd number of cache lines apart, so rows do not collide in the same cache sets.
@@ -97,7 +98,7 @@ void run_linear(ThreadPool& pool, const float* x, int64_t m, int64_t ldx, const 
       if (converted != panel) {
         buffer = tls_panel.get(static_cast<size_t>(kPanel * ldw));
         for (int64_t j = 0; j < np; j++) {
-          convert_to_f32(weight.dtype, wbytes + static_cast<size_t>((n0 + j) * k) * esize,
+          convert_to_f32(weight.dtype, wbytes + static_cast<size_t>(n0 + j) * row_bytes,
                          buffer + j * ldw, k);
         }
         converted = panel;
@@ -123,6 +124,14 @@ void check_linear(const float* x, int64_t m, int64_t ldx, const TensorView& weig
                                util::shape_string(weight.shape));
   }
   const int64_t n = weight.shape[0], k = weight.shape[1];
+  if (dtype_is_quantized(weight.dtype) && k % kQuantBlock != 0) {
+    throw InvalidArgumentError(std::string("linear: ") + dtype_name(weight.dtype) +
+                               " weight rows must be whole blocks of 32, got shape " +
+                               util::shape_string(weight.shape));
+  }
+  if (bias && dtype_is_quantized(bias->dtype)) {
+    throw InvalidArgumentError("linear: a bias must be F32, F16 or BF16");
+  }
   if (bias && bias->elements() != n) {
     throw InvalidArgumentError("linear: bias has shape " + util::shape_string(bias->shape) +
                                ", expected [" + std::to_string(n) + "]");

@@ -21,8 +21,31 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-bool compute_dtype(StDType st, DType* out) {
-  switch (st) {
+// The DType a tensor computes as: GGUF files name a ggml type (quantized blocks included),
+// safetensors files a safetensors dtype.
+bool compute_dtype(const TensorInfo& t, DType* out) {
+  if (t.ggml_type >= 0) {
+    switch (t.ggml_type) {
+      case 0:
+        *out = DType::F32;
+        return true;
+      case 1:
+        *out = DType::F16;
+        return true;
+      case 30:
+        *out = DType::BF16;
+        return true;
+      case 8:
+        *out = DType::Q8_0;
+        return true;
+      case 2:
+        *out = DType::Q4_0;
+        return true;
+      default:
+        return false;
+    }
+  }
+  switch (t.dtype) {
     case StDType::kF32:
       *out = DType::F32;
       return true;
@@ -137,9 +160,14 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
                                shape_text(t->shape) + ", expected " + shape_text(spec.shape));
       }
       SegmentTensor st;
-      if (!compute_dtype(t->dtype, &st.dtype)) {
-        throw ModelFormatError(where + ": tensor \"" + spec.name + "\" has dtype " +
-                               st_dtype_name(t->dtype) + "; DiT weights must be F32, F16 or BF16");
+      const std::string stored = t->ggml_type >= 0 ? t->ggml_type_name : st_dtype_name(t->dtype);
+      if (!compute_dtype(*t, &st.dtype)) {
+        throw ModelFormatError(where + ": tensor \"" + spec.name + "\" has dtype " + stored +
+                               "; DiT weights must be F32, F16, BF16, Q8_0 or Q4_0");
+      }
+      if (dtype_is_quantized(st.dtype) && t->shape.size() != 2) {
+        throw ModelFormatError(where + ": tensor \"" + spec.name + "\" is " + stored +
+                               "; only 2-D weights may be quantized");
       }
       st.name = spec.name;
       st.shape = t->shape;

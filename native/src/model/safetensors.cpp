@@ -239,6 +239,17 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   if (!S_ISREG(st.st_mode)) throw ModelFormatError(path + ": not a regular file");
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   file->header_.file_bytes = size;
+  if (size >= 4) {
+    char magic[4];
+    file->read(0, magic, 4);
+    if (std::memcmp(magic, "GGUF", 4) == 0) {
+      const SafetensorsFile* reader = file.get();
+      file->header_ = parse_gguf_header(path, size, [reader](uint64_t offset, void* dst, size_t n) {
+        reader->read(offset, dst, n);
+      });
+      return file;
+    }
+  }
   if (size < 8) {
     throw ModelFormatError(path + ": file is too short to be safetensors (" + std::to_string(size) +
                            " bytes; the 8-byte header length alone needs 8)");

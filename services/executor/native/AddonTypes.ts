@@ -123,7 +123,7 @@ export interface NativeModelDims {
 
 export interface NativeModelInfo {
   path: string;
-  format: "safetensors";
+  format: "safetensors" | "gguf";
   /** The file's `__metadata__`. */
   metadata: Record<string, string>;
   /** Every tensor in the file, in data order. */

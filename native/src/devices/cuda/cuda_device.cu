@@ -554,6 +554,11 @@ class CudaDevice final : public Device {
               void* workspace) {
     const int64_t n = w.shape[0];
     cudaStream_t s = compute_->handle();
+    if (dtype_is_quantized(w.dtype)) {
+      // The CPU kernels dequantize Q8_0/Q4_0 on the fly; the CUDA GEMMs do not yet.
+      throw InvalidArgumentError(std::string("the CUDA device does not run ") +
+                                 dtype_name(w.dtype) + " weights yet; use the CPU device");
+    }
 #if defined(FERRY_WITH_CUBLAS)
     if (linear_cublas(x, m, k, ldx, w, bias, y, ldy, epilogue, workspace)) return;
 #else
