@@ -73,6 +73,9 @@ class DitModel {
   };
   HostParams prepare_params(size_t index);
   bool params_cached(size_t index) const;
+  // The disk params backend: drops base segment `index`'s host copy once its transfer is done
+  // (the next prepare_params reads it again). The caller must hold no pointer into it.
+  void release_params(size_t index);
   uint64_t host_cache_bytes() const { return host_bytes_.load(); }
 
  private:

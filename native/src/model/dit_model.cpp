@@ -247,6 +247,18 @@ DitModel::HostParams DitModel::prepare_params(size_t index) {
   return {data, seg.param_bytes};
 }
 
+void DitModel::release_params(size_t index) {
+  if (index >= segments_.size()) return;
+  CacheEntry& entry = *cache_[index];
+  std::lock_guard<std::mutex> lock(entry.mu);
+  if (!entry.ready.load(std::memory_order_acquire)) return;
+  entry.ready.store(false, std::memory_order_release);
+  std::free(entry.data);
+  entry.data = nullptr;
+  const BaseSegment& seg = segments_[index];
+  host_bytes_.fetch_sub(seg.packed_bytes == 0 ? kPackAlignment : seg.packed_bytes);
+}
+
 DitDims job_dims(const ModelDims& model, int64_t batch, int64_t tokens) {
   DitDims d;
   d.hidden = model.hidden;

@@ -209,6 +209,9 @@ class RunBase {
         load_all_params(model_);
         break;
       case LoadMode::kBackground: {
+        // The disk backend keeps host memory to the segments in flight; a reader running ahead
+        // would hold the whole model, so with it segments are read when needed.
+        if (request_.params_backend == ParamsBackend::kDisk) break;
         // Plan order: the order the first step needs them in.
         std::vector<size_t> order(n);
         for (size_t b = 0; b < n; b++) order[b] = b;
