@@ -7,6 +7,8 @@
  *   emulated link, for both policies, after the scheduler calibrated the executor (bench/predict.ts).
  * - `ferry bench executor [--json]`: sdcpp vs ferry plans run on one executor, copy efficiency,
  *   gRPC overhead (bench/executor.ts).
+ * - `ferry bench load [--json]`: loader vs raw read rate and cold-start step 1 per load mode
+ *   (bench/load.ts).
  * - `ferry bench profiles --out DIR`: writes those profiles as profile files
  *   (DIR/models/*.json, DIR/devices/*.json) for `ferry plan --profile … --device-profile …`.
  */
@@ -21,6 +23,7 @@ import {
   runPlanBench,
 } from "../../bench/plan";
 import { registerBenchExecutor } from "../../bench/executor";
+import { registerBenchLoad } from "../../bench/load";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
@@ -131,6 +134,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
       })();
     });
   registerBenchExecutor(bench);
+  registerBenchLoad(bench);
   bench
     .command("profiles")
     .description("write the bench's model and device profiles as profile files")
