@@ -17,6 +17,7 @@ import { groupTensors } from "../lib/model/grouping";
 import { checkDitModelTensors, readModelHeader, requireDitConfig } from "../lib/model/modelFile";
 import { ModelFormatError } from "../lib/model/safetensors";
 import { scanGgufFields, type GgufField } from "./model.gguf.helpers";
+import { FIXTURES_DIR } from "./fixturesDir";
 
 /** mulberry32: small, fast, deterministic. */
 function prng(seed: number): () => number {
@@ -291,7 +292,7 @@ beforeAll(async () => {
   }
   for (const path of [
     join(dir, "dit.safetensors"),
-    "/work/shared/fixtures/safetensors-samples/overall.safetensors",
+    join(FIXTURES_DIR, "safetensors-samples", "overall.safetensors"),
   ]) {
     const bytes = new Uint8Array(await readFile(path));
     const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));

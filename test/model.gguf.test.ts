@@ -13,8 +13,9 @@ import {
 import { encodeGgufHeader, writeGguf } from "../lib/model/ggufWriter";
 import { ModelFormatError } from "../lib/model/safetensors";
 import { Bytes, T, tinyGguf } from "./model.gguf.helpers";
+import { FIXTURES_DIR } from "./fixturesDir";
 
-const LLAMA = "/work/shared/fixtures/gguf/llama-2-tiny-random.gguf";
+const LLAMA = join(FIXTURES_DIR, "gguf", "llama-2-tiny-random.gguf");
 
 let dir: string;
 beforeAll(async () => {

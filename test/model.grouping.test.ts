@@ -1,9 +1,11 @@
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ditTensorSpecs } from "../lib/model/dit";
 import { groupTensors, type GroupableTensor } from "../lib/model/grouping";
 import { readModelHeader } from "../lib/model/modelFile";
+import { FIXTURES_DIR } from "./fixturesDir";
 
-const LLAMA = "/work/shared/fixtures/gguf/llama-2-tiny-random.gguf";
+const LLAMA = join(FIXTURES_DIR, "gguf", "llama-2-tiny-random.gguf");
 
 const named = (...names: string[]): GroupableTensor[] => names.map((name) => ({ name, bytes: 1 }));
 const summary = (tensors: GroupableTensor[], regex?: string | RegExp) =>

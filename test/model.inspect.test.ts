@@ -6,9 +6,10 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { register, stringifyReport, type InspectReport } from "../cli/commands/inspect";
 import { buildProgram } from "../cli/ferry";
 import { genModel } from "../lib/model/genModel";
+import { FIXTURES_DIR } from "./fixturesDir";
 
-const LLAMA = "/work/shared/fixtures/gguf/llama-2-tiny-random.gguf";
-const OVERALL = "/work/shared/fixtures/safetensors-samples/overall.safetensors";
+const LLAMA = join(FIXTURES_DIR, "gguf", "llama-2-tiny-random.gguf");
+const OVERALL = join(FIXTURES_DIR, "safetensors-samples", "overall.safetensors");
 
 let dir: string;
 beforeAll(async () => {

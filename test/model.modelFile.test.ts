@@ -25,9 +25,10 @@ import { dequantizeQ4_0, dequantizeQ8_0, quantizeQ4_0, quantizeQ8_0 } from "../l
 import { loadDitWeights, runReference } from "../lib/model/reference";
 import { ModelFormatError, readSafetensorsHeader } from "../lib/model/safetensors";
 import { modelProfileFromFile } from "../lib/model/segments";
+import { FIXTURES_DIR } from "./fixturesDir";
 
-const LLAMA = "/work/shared/fixtures/gguf/llama-2-tiny-random.gguf";
-const OVERALL = "/work/shared/fixtures/safetensors-samples/overall.safetensors";
+const LLAMA = join(FIXTURES_DIR, "gguf", "llama-2-tiny-random.gguf");
+const OVERALL = join(FIXTURES_DIR, "safetensors-samples", "overall.safetensors");
 
 let dir: string;
 beforeAll(async () => {

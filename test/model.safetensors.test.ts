@@ -13,8 +13,9 @@ import {
   writeSafetensors,
   type SafetensorsDtype,
 } from "../lib/model/safetensors";
+import { FIXTURES_DIR } from "./fixturesDir";
 
-const FIXTURES = "/work/shared/fixtures/safetensors-samples";
+const FIXTURES = join(FIXTURES_DIR, "safetensors-samples");
 const SIGNED = [-3, -2, -1, 0, 1, 2];
 
 /** What each fixture letter holds: −3…2, unsigned types wrapped. */

@@ -6,6 +6,7 @@ import { genModel } from "../lib/model/genModel";
 import { ModelFormatError } from "../lib/model/safetensors";
 import { modelProfileFromFile, segmentFootprint } from "../lib/model/segments";
 import { writeDit } from "./model.helpers";
+import { FIXTURES_DIR } from "./fixturesDir";
 
 let dir: string;
 beforeAll(async () => {
@@ -126,7 +127,7 @@ describe("modelProfileFromFile", () => {
   });
 
   it("gives a ModelFormatError for a file that is not a Ferry DiT", async () => {
-    const sample = "/work/shared/fixtures/safetensors-samples/overall.safetensors";
+    const sample = join(FIXTURES_DIR, "safetensors-samples", "overall.safetensors");
     await expect(modelProfileFromFile(sample, { batch: 1, tokens: 1 })).rejects.toThrow(
       ModelFormatError,
     );
