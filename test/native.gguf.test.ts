@@ -68,7 +68,7 @@ describe("GGUF models and quantized weights in the native runner", () => {
       ]);
       const qkv = info.tensors.find((t) => t.name === "blocks.0.attn.qkv.weight")!;
       expect(qkv.shape).toEqual([192, 64]);
-      expect(qkv.dtype).toBe("F32");
+      expect(qkv.dtype).toBe("f32");
     } finally {
       model.dispose();
     }

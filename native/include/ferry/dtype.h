@@ -13,11 +13,23 @@ namespace ferry {
 enum class DType : uint8_t { F32, F16, BF16, Q8_0, Q4_0 };
 
 constexpr int64_t kQuantBlock = 32;
+constexpr size_t kQ8_0BlockBytes = 34;  // sizeof(block_q8_0): f16 d + int8 qs[32]
+constexpr size_t kQ4_0BlockBytes = 18;  // sizeof(block_q4_0): f16 d + uint8 qs[16]
 inline bool dtype_is_quantized(DType dtype) { return dtype == DType::Q8_0 || dtype == DType::Q4_0; }
 
-// Bytes of a tensor of `elements` elements of `dtype`.
+// Elements per block (32 for Q8_0/Q4_0, 1 for plain types) and bytes per block, as ggml's
+// blck_size and type_size.
+int64_t dtype_block_size(DType dtype);
+size_t dtype_block_bytes(DType dtype);
+// Bytes of a tensor of `elements` elements of `dtype` (whole blocks: for quantized types
+// `elements` must be a multiple of the block size; callers validate rows first).
 size_t dtype_nbytes(DType dtype, int64_t elements);
 const char* dtype_name(DType dtype);
+// ggml's type id and name ("f32", "q8_0") of a DType, and the DType of a ggml type id (false for
+// the types the kernels do not compute with).
+uint32_t dtype_ggml_id(DType dtype);
+const char* dtype_ggml_name(DType dtype);
+bool dtype_from_ggml(uint32_t ggml_id, DType* out);
 // Parses a safetensors dtype string ("F32", "F16", "BF16"); false if not a weight type Ferry
 // computes with.
 bool dtype_from_safetensors(const std::string& name, DType* out);

@@ -8,8 +8,10 @@
 
 namespace ferry {
 
-// Converts `n` elements of `dtype` at `src` to float32 at `dst` (F16C/AVX-512 when compiled for
-// them). Element-wise and exact (every F16/BF16 value is representable in F32).
+// Converts `n` elements of `dtype` at `src` to float32 at `dst` (F16C/AVX2/AVX-512 when compiled
+// for them). Element-wise and exact (every F16/BF16 value is representable in F32). Q8_0/Q4_0
+// are dequantized (ggml's q·d) block by block: `n` must be a multiple of 32 and `src` whole
+// blocks, as a quantized weight row is.
 void convert_to_f32(DType dtype, const void* src, float* dst, int64_t n);
 
 namespace detail {
@@ -18,6 +20,10 @@ namespace detail {
 // tests check they agree bit for bit with the hardware path where there is one.
 float f16_to_f32_portable(uint16_t h);
 uint16_t f32_to_f16_portable(float f);
+
+// The plain scalar form of ggml's dequantization (q·d; (nibble − 8)·d), for tests to check the
+// vectorized convert_to_f32 against bit for bit. Other dtypes go to convert_to_f32.
+void dequantize_reference(DType dtype, const void* src, float* dst, int64_t n);
 
 }  // namespace detail
 

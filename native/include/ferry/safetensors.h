@@ -4,6 +4,10 @@
 // the data, offsets relative to its start. Only the header is read at open; tensor data is read
 // later with pread, straight into the caller's memory. Every problem with the file is a
 // ModelFormatError naming the file (and tensor).
+//
+// SafetensorsFile is also Ferry's format-independent model file (alias ModelFile): open() sniffs
+// the first bytes and reads a GGUF file's header (gguf.h) into the same SafetensorsHeader view —
+// names, row-major shapes, absolute byte ranges — keeping the typed GGUF header beside it.
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -12,6 +16,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "ferry/gguf.h"
 
 namespace ferry {
 
@@ -51,8 +57,8 @@ struct TensorInfo {
   std::vector<int64_t> shape;
   uint64_t begin = 0;  // absolute file offsets of the data
   uint64_t end = 0;
-  // GGUF files: the ggml type (id and name), which covers quantized blocks StDType cannot name;
-  // -1 for safetensors files.
+  // GGUF files: the ggml type (id and ggml's own name, "f16", "q8_0"), which covers quantized
+  // blocks StDType cannot name (their `dtype` is U8: raw bytes); -1 for safetensors files.
   int ggml_type = -1;
   std::string ggml_type_name;
   uint64_t nbytes() const { return end - begin; }
@@ -66,34 +72,48 @@ constexpr uint64_t kMaxSafetensorsHeaderBytes = 100'000'000;
 constexpr int64_t kMaxTensorDim = int64_t{1} << 48;
 
 struct SafetensorsHeader {
-  uint64_t header_bytes = 0;  // N
-  uint64_t data_start = 0;    // 8 + N
+  uint64_t header_bytes = 0;  // N (GGUF: the end of the tensor infos)
+  uint64_t data_start = 0;    // 8 + N (GGUF: the aligned data section)
   uint64_t file_bytes = 0;
+  // safetensors: __metadata__. GGUF: every key, strings as they are, other values as
+  // gguf_value_summary writes them (the typed values are in `gguf`).
   std::map<std::string, std::string> metadata;
-  std::vector<TensorInfo> tensors;  // sorted by begin (data order)
+  std::vector<TensorInfo> tensors;         // sorted by begin (data order)
+  std::shared_ptr<const GgufHeader> gguf;  // GGUF files only
 };
+
+enum class ModelFormat : uint8_t { kSafetensors, kGguf };
+const char* model_format_name(ModelFormat format);  // "safetensors", "gguf"
 
 // Parses and validates a header's JSON text for a file of `file_bytes` bytes whose header is
 // `header_bytes` long. `label` (the path) prefixes every error message.
 SafetensorsHeader parse_safetensors_header(const std::string& label, std::string_view json,
                                            uint64_t header_bytes, uint64_t file_bytes);
 
-// A GGUF v2/v3 header as a SafetensorsHeader (see native/src/model/gguf.cpp): shapes row-major,
-// `ferry-dit.*` metadata under the `ferry.*` names. `read(offset, dst, n)` reads the file.
+// A GGUF v2/v3 header (parse_gguf) as a SafetensorsHeader: tensors in data order with row-major
+// shapes, metadata as strings, the typed header in `gguf`. `read(offset, dst, n)` reads the file.
 SafetensorsHeader parse_gguf_header(const std::string& label, uint64_t file_bytes,
                                     const std::function<void(uint64_t, void*, size_t)>& read);
+SafetensorsHeader safetensors_view_of_gguf(std::shared_ptr<const GgufHeader> gguf);
 
 // A model file: safetensors or GGUF (sniffed from the magic), behind the same header.
 class SafetensorsFile {
  public:
-  // Opens and validates; IoError if the file cannot be opened, ModelFormatError if it is not a
-  // valid safetensors file.
+  // Opens and validates; IoError if the file cannot be opened, ModelFormatError if it is neither
+  // a valid safetensors file nor a valid GGUF file.
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
+  ModelFormat format() const {
+    return header_.gguf ? ModelFormat::kGguf : ModelFormat::kSafetensors;
+  }
+  const GgufHeader* gguf() const { return header_.gguf.get(); }  // GGUF files only
+  // The open file descriptor (for readers that need their own view of the same file, e.g. a
+  // second descriptor opened with O_DIRECT and checked to be the same inode).
+  int fd() const { return fd_; }
   const SafetensorsHeader& header() const { return header_; }
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
@@ -112,6 +132,9 @@ class SafetensorsFile {
   int fd_ = -1;
   SafetensorsHeader header_;
 };
+
+// The model file, whatever its format.
+using ModelFile = SafetensorsFile;
 
 // Decodes a tensor's raw little-endian bytes to doubles, for inspection and tests. Unsigned and
 // signed integers, BOOL, floats (F64, F32, F16, BF16, F8_E4M3, F8_E5M2); InvalidArgumentError for

@@ -5,7 +5,7 @@
 
 #include "ferry/kernels_detail.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -27,6 +27,23 @@ float bits_float(uint32_t u) {
 
 }  // namespace
 
+int64_t dtype_block_size(DType dtype) { return dtype_is_quantized(dtype) ? kQuantBlock : 1; }
+
+size_t dtype_block_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return 4;
+    case DType::F16:
+    case DType::BF16:
+      return 2;
+    case DType::Q8_0:
+      return kQ8_0BlockBytes;
+    case DType::Q4_0:
+      return kQ4_0BlockBytes;
+  }
+  return 0;
+}
+
 size_t dtype_nbytes(DType dtype, int64_t elements) {
   if (elements <= 0) return 0;
   const size_t n = static_cast<size_t>(elements);
@@ -38,11 +55,53 @@ size_t dtype_nbytes(DType dtype, int64_t elements) {
       return n * 2;
     // Whole blocks only; callers validate that rows are a multiple of the block.
     case DType::Q8_0:
-      return n / kQuantBlock * 34;
+      return n / kQuantBlock * kQ8_0BlockBytes;
     case DType::Q4_0:
-      return n / kQuantBlock * 18;
+      return n / kQuantBlock * kQ4_0BlockBytes;
   }
   return 0;
+}
+
+uint32_t dtype_ggml_id(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return 0;
+    case DType::F16:
+      return 1;
+    case DType::BF16:
+      return 30;
+    case DType::Q8_0:
+      return 8;
+    case DType::Q4_0:
+      return 2;
+  }
+  return 0;
+}
+
+const char* dtype_ggml_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return "f32";
+    case DType::F16:
+      return "f16";
+    case DType::BF16:
+      return "bf16";
+    case DType::Q8_0:
+      return "q8_0";
+    case DType::Q4_0:
+      return "q4_0";
+  }
+  return "?";
+}
+
+bool dtype_from_ggml(uint32_t ggml_id, DType* out) {
+  for (DType d : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0}) {
+    if (dtype_ggml_id(d) == ggml_id) {
+      if (out) *out = d;
+      return true;
+    }
+  }
+  return false;
 }
 
 const char* dtype_name(DType dtype) {
@@ -152,6 +211,111 @@ uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 
+namespace {
+
+// ggml's block scale: an IEEE half at the start of each block (unaligned: blocks are 34 or 18
+// bytes).
+inline float block_scale(const uint8_t* block) {
+  uint16_t h;
+  std::memcpy(&h, block, 2);
+  return f16_to_f32(h);
+}
+
+// Dequantization is value = q·d, one float multiply per element, so the vector paths below give
+// the scalar loop's bits exactly (an int8 or a nibble times an f16 scale is exact in float32
+// anyway: at most 8 + 11 significant bits).
+void dequantize_q8_0(const uint8_t* block, float* dst, int64_t blocks) {
+  for (int64_t b = 0; b < blocks; b++, block += kQ8_0BlockBytes, dst += kQuantBlock) {
+    const float d = block_scale(block);
+    const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
+#if defined(__AVX512F__)
+    const __m512 vd = _mm512_set1_ps(d);
+    for (int j = 0; j < kQuantBlock; j += 16) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
+      _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), vd));
+    }
+#elif defined(__AVX2__)
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int j = 0; j < kQuantBlock; j += 8) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
+      _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vd));
+    }
+#else
+    for (int64_t j = 0; j < kQuantBlock; j++) dst[j] = static_cast<float>(q[j]) * d;
+#endif
+  }
+}
+
+// Element j of a q4_0 block is the low nibble of byte j, element j + 16 the high nibble; both are
+// offset by 8.
+void dequantize_q4_0(const uint8_t* block, float* dst, int64_t blocks) {
+  constexpr int64_t kHalf = kQuantBlock / 2;
+  for (int64_t b = 0; b < blocks; b++, block += kQ4_0BlockBytes, dst += kQuantBlock) {
+    const float d = block_scale(block);
+    const uint8_t* q = block + 2;
+#if defined(__AVX512F__)
+    const __m512 vd = _mm512_set1_ps(d);
+    const __m512i eight = _mm512_set1_epi32(8);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m512i lo32 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight);
+    const __m512i hi32 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight);
+    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(lo32), vd));
+    _mm512_storeu_ps(dst + kHalf, _mm512_mul_ps(_mm512_cvtepi32_ps(hi32), vd));
+#elif defined(__AVX2__)
+    const __m256 vd = _mm256_set1_ps(d);
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    for (int half = 0; half < 2; half++) {
+      const __m128i nibbles = half == 0 ? lo : hi;
+      const __m128i upper = _mm_srli_si128(nibbles, 8);
+      const __m256i a = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), eight);
+      const __m256i c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(upper), eight);
+      _mm256_storeu_ps(dst + half * kHalf, _mm256_mul_ps(_mm256_cvtepi32_ps(a), vd));
+      _mm256_storeu_ps(dst + half * kHalf + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c), vd));
+    }
+#else
+    for (int64_t j = 0; j < kHalf; j++) {
+      dst[j] = static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8) * d;
+      dst[j + kHalf] = static_cast<float>(static_cast<int>(q[j] >> 4) - 8) * d;
+    }
+#endif
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+void dequantize_reference(DType dtype, const void* src, float* dst, int64_t n) {
+  const uint8_t* block = static_cast<const uint8_t*>(src);
+  if (dtype == DType::Q8_0) {
+    for (int64_t i = 0; i < n; i += kQuantBlock, block += kQ8_0BlockBytes) {
+      const float d = block_scale(block);
+      const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
+      for (int64_t j = 0; j < kQuantBlock; j++) dst[i + j] = static_cast<float>(q[j]) * d;
+    }
+  } else if (dtype == DType::Q4_0) {
+    for (int64_t i = 0; i < n; i += kQuantBlock, block += kQ4_0BlockBytes) {
+      const float d = block_scale(block);
+      const uint8_t* q = block + 2;
+      for (int64_t j = 0; j < kQuantBlock / 2; j++) {
+        dst[i + j] = static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8) * d;
+        dst[i + j + kQuantBlock / 2] = static_cast<float>(static_cast<int>(q[j] >> 4) - 8) * d;
+      }
+    }
+  } else {
+    convert_to_f32(dtype, src, dst, n);
+  }
+}
+
+}  // namespace detail
+
 void convert_to_f32(DType dtype, const void* src, float* dst, int64_t n) {
   if (n <= 0) return;
   switch (dtype) {
@@ -180,31 +344,12 @@ void convert_to_f32(DType dtype, const void* src, float* dst, int64_t n) {
       for (; i < n; i++) dst[i] = f16_to_f32(s[i]);
       return;
     }
-    case DType::Q8_0: {
-      const uint8_t* block = static_cast<const uint8_t*>(src);
-      for (int64_t i = 0; i < n; i += kQuantBlock, block += 34) {
-        uint16_t scale;
-        std::memcpy(&scale, block, 2);
-        const float d = f16_to_f32(scale);
-        const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-        for (int64_t j = 0; j < kQuantBlock; j++) dst[i + j] = static_cast<float>(q[j]) * d;
-      }
+    case DType::Q8_0:
+      dequantize_q8_0(static_cast<const uint8_t*>(src), dst, n / kQuantBlock);
       return;
-    }
-    case DType::Q4_0: {
-      const uint8_t* block = static_cast<const uint8_t*>(src);
-      for (int64_t i = 0; i < n; i += kQuantBlock, block += 18) {
-        uint16_t scale;
-        std::memcpy(&scale, block, 2);
-        const float d = f16_to_f32(scale);
-        const uint8_t* q = block + 2;
-        for (int64_t j = 0; j < kQuantBlock / 2; j++) {
-          dst[i + j] = static_cast<float>(static_cast<int>(q[j] & 0x0F) - 8) * d;
-          dst[i + j + kQuantBlock / 2] = static_cast<float>(static_cast<int>(q[j] >> 4) - 8) * d;
-        }
-      }
+    case DType::Q4_0:
+      dequantize_q4_0(static_cast<const uint8_t*>(src), dst, n / kQuantBlock);
       return;
-    }
   }
 }
 

@@ -1,11 +1,6 @@
+// Binding a model file to the DiT layout (both formats), and the model's face of its params cache.
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <exception>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_set>
 
 #include "ferry/errors.h"
@@ -16,6 +11,7 @@ namespace ferry {
 namespace {
 
 const char* const kArchKey = "ferry.arch";
+const char* const kGgufArchitecture = "ferry-dit";
 
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -29,27 +25,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 // The DType a tensor computes as: GGUF files name a ggml type (quantized blocks included),
 // safetensors files a safetensors dtype.
 bool compute_dtype(const TensorInfo& t, DType* out) {
-  if (t.ggml_type >= 0) {
-    switch (t.ggml_type) {
-      case 0:
-        *out = DType::F32;
-        return true;
-      case 1:
-        *out = DType::F16;
-        return true;
-      case 30:
-        *out = DType::BF16;
-        return true;
-      case 8:
-        *out = DType::Q8_0;
-        return true;
-      case 2:
-        *out = DType::Q4_0;
-        return true;
-      default:
-        return false;
-    }
-  }
+  if (t.ggml_type >= 0) return dtype_from_ggml(static_cast<uint32_t>(t.ggml_type), out);
   switch (t.dtype) {
     case StDType::kF32:
       *out = DType::F32;
@@ -63,6 +39,18 @@ bool compute_dtype(const TensorInfo& t, DType* out) {
     default:
       return false;
   }
+}
+
+// Where a tensor goes in its segment's packed buffer, after `end` (the previous tensor's end):
+// the next multiple of kPackAlignment, or — for a large tensor whose file offset allows it — the
+// first one congruent with the file offset modulo a page, so O_DIRECT reads land in place.
+uint64_t place(uint64_t end, const SegmentTensor& t) {
+  const uint64_t at = align_up(end, kPackAlignment);
+  if (t.nbytes < kPackCongruentMinBytes || t.file_offset % kPackAlignment != 0) return at;
+  const uint64_t page = kHostParamsAlignment;
+  uint64_t p = at / page * page + t.file_offset % page;
+  if (p < at) p += page;
+  return p;
 }
 
 // A positive decimal integer, written plainly ("64", not "0x40", "6.4e1" or " 64"), as the
@@ -116,58 +104,56 @@ std::vector<TensorSpec> final_specs(const ModelDims& d) {
 
 }  // namespace
 
-// A segment's tensors are read in chunks of this size by a few threads at once: one big
-// sequential pread stream leaves a fast disk (or the page cache) underused.
-constexpr uint64_t kReadChunkBytes = uint64_t{16} << 20;
-constexpr unsigned kReadThreads = 4;
-
-struct ReadChunk {
-  uint64_t offset;
-  uint8_t* dst;
-  uint64_t bytes;
-};
-
-// Reads every chunk straight into its place; small segments stay on the calling thread.
-void read_chunks(const SafetensorsFile& file, const std::vector<ReadChunk>& chunks) {
-  const unsigned threads = static_cast<unsigned>(std::min<size_t>(kReadThreads, chunks.size()));
-  if (threads <= 1) {
-    for (const auto& c : chunks) file.read(c.offset, c.dst, c.bytes);
-    return;
-  }
-  std::atomic<size_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mu;
-  auto worker = [&] {
-    for (size_t i = next++; i < chunks.size(); i = next++) {
-      try {
-        file.read(chunks[i].offset, chunks[i].dst, chunks[i].bytes);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(failure_mu);
-        if (!failure) failure = std::current_exception();
-        next = chunks.size();
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; t++) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-  if (failure) std::rethrow_exception(failure);
-}
-
-struct DitModel::CacheEntry {
-  std::mutex mu;
-  std::atomic<bool> ready{false};
-  uint8_t* data = nullptr;
-  ~CacheEntry() { std::free(data); }
-};
-
 std::shared_ptr<DitModel> DitModel::open(const std::string& path) {
-  return std::make_shared<DitModel>(SafetensorsFile::open(path));
+  return std::make_shared<DitModel>(ModelFile::open(path));
 }
 
-DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file)) {
-  const SafetensorsFile& f = *file_;
+std::shared_ptr<DitModel> DitModel::open(const std::string& path, const Options& options) {
+  auto model = std::make_shared<DitModel>(ModelFile::open(path), options.loader);
+  model->set_params_backend(options.backend);
+  model->set_read_ahead(options.read_ahead);
+  if (options.allocator) model->set_host_allocator(options.allocator);
+  model->set_verify(options.verify);
+  const size_t n = model->base_segments().size();
+  std::vector<size_t> order(n);
+  for (size_t b = 0; b < n; b++) order[b] = b;
+  switch (options.load) {
+    case Load::kLazy:
+      break;
+    case Load::kEager:
+      model->load_all();
+      break;
+    case Load::kBackground:
+      // Base order is the order every plan runs the segments in. With the disk backend the reader
+      // keeps going round, read_ahead segments ahead of the steps.
+      model->prefetch(order, options.backend == Backend::kDisk);
+      break;
+  }
+  return model;
+}
+
+DitModel::DitModel(std::unique_ptr<ModelFile> file, const LoaderOptions& loader)
+    : file_(std::move(file)) {
+  if (file_->format() == ModelFormat::kGguf) {
+    bind_gguf();
+  } else {
+    bind_safetensors();
+  }
+  std::vector<ParamsSegmentLayout> layouts;
+  layouts.reserve(segments_.size());
+  for (const auto& seg : segments_) {
+    ParamsSegmentLayout layout;
+    layout.name = seg.name;
+    layout.buffer_bytes = seg.packed_bytes;
+    for (const auto& t : seg.tensors)
+      layout.pieces.push_back({t.file_offset, t.packed_offset, t.nbytes});
+    layouts.push_back(std::move(layout));
+  }
+  cache_ = std::make_unique<ParamsCache>(*file_, std::move(layouts), loader);
+}
+
+void DitModel::bind_safetensors() {
+  const ModelFile& f = *file_;
   const auto arch = f.metadata().find(kArchKey);
   if (arch == f.metadata().end()) {
     throw ModelFormatError(f.path() + ": not a Ferry DiT model: __metadata__ has no \"" + kArchKey +
@@ -186,8 +172,55 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
                            ": __metadata__ \"ferry.heads\" = " + std::to_string(dims_.heads) +
                            " does not divide \"ferry.hidden\" = " + std::to_string(dims_.hidden));
   }
-  const std::string where = f.path() + " (DiT " + std::to_string(dims_.blocks) +
-                            " blocks, hidden " + std::to_string(dims_.hidden) + ", heads " +
+  bind_segments(f.path());
+}
+
+void DitModel::bind_gguf() {
+  const GgufHeader& g = *file_->gguf();
+  const std::string& path = file_->path();
+  const GgufValue* arch = g.find("general.architecture");
+  if (!arch) {
+    throw ModelFormatError(path +
+                           ": not a Ferry DiT model: no \"general.architecture\" (write one with "
+                           "`ferry gen-model --format gguf`)");
+  }
+  if (arch->type != GgufValueType::kString || arch->str != kGgufArchitecture) {
+    throw ModelFormatError(path + ": not a Ferry DiT model: \"general.architecture\" is " +
+                           (arch->type == GgufValueType::kString
+                                ? "\"" + arch->str + "\""
+                                : std::string("a ") + gguf_value_type_name(arch->type)) +
+                           " (expected \"" + kGgufArchitecture + "\")");
+  }
+  auto read = [&](const char* name) -> int64_t {
+    const std::string key = std::string(kGgufArchitecture) + "." + name;
+    const GgufValue* v = g.find(key);
+    if (!v) throw ModelFormatError(path + ": metadata lacks \"" + key + "\"");
+    // gen-model writes uint32; any integer type holding a positive value is accepted, as the
+    // TypeScript reader accepts it.
+    uint64_t n = 0;
+    if (!v->as_uint64(&n) || n == 0 || n > static_cast<uint64_t>(kMaxTensorDim)) {
+      throw ModelFormatError(path + ": metadata \"" + key + "\" must be a positive integer, got " +
+                             gguf_value_type_name(v->type) + " " + gguf_value_summary(*v));
+    }
+    return static_cast<int64_t>(n);
+  };
+  dims_.blocks = read("blocks");
+  dims_.hidden = read("hidden");
+  dims_.heads = read("heads");
+  dims_.channels = read("channels");
+  if (dims_.hidden % dims_.heads != 0) {
+    throw ModelFormatError(
+        path + ": \"ferry-dit.heads\" = " + std::to_string(dims_.heads) +
+        " does not divide \"ferry-dit.hidden\" = " + std::to_string(dims_.hidden));
+  }
+  bind_segments(path);
+}
+
+void DitModel::bind_segments(const std::string& path) {
+  const ModelFile& f = *file_;
+  const bool gguf = f.format() == ModelFormat::kGguf;
+  const std::string where = path + " (DiT " + std::to_string(dims_.blocks) + " blocks, hidden " +
+                            std::to_string(dims_.hidden) + ", heads " +
                             std::to_string(dims_.heads) + ", channels " +
                             std::to_string(dims_.channels) + ")";
 
@@ -196,6 +229,7 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
     BaseSegment seg;
     seg.name = std::move(name);
     seg.kind = kind;
+    uint64_t end = 0;
     for (const auto& spec : specs) {
       const TensorInfo* t = f.find(spec.name);
       if (!t) throw ModelFormatError(where + ": missing tensor \"" + spec.name + "\"");
@@ -207,7 +241,8 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
       const std::string stored = t->ggml_type >= 0 ? t->ggml_type_name : st_dtype_name(t->dtype);
       if (!compute_dtype(*t, &st.dtype)) {
         throw ModelFormatError(where + ": tensor \"" + spec.name + "\" has dtype " + stored +
-                               "; DiT weights must be F32, F16, BF16, Q8_0 or Q4_0");
+                               (gguf ? "; DiT weights must be f32, f16, bf16, q8_0 or q4_0"
+                                     : "; DiT weights must be F32, F16, BF16, Q8_0 or Q4_0"));
       }
       if (dtype_is_quantized(st.dtype) && t->shape.size() != 2) {
         throw ModelFormatError(where + ": tensor \"" + spec.name + "\" is " + stored +
@@ -217,12 +252,13 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
       st.shape = t->shape;
       st.file_offset = t->begin;
       st.nbytes = t->nbytes();
-      st.packed_offset = seg.packed_bytes;
-      seg.packed_bytes = align_up(seg.packed_bytes + st.nbytes, kPackAlignment);
+      st.packed_offset = place(end, st);
+      end = st.packed_offset + st.nbytes;
       seg.param_bytes += st.nbytes;
       used.insert(spec.name);
       seg.tensors.push_back(std::move(st));
     }
+    seg.packed_bytes = align_up(end, kPackAlignment);
     segments_.push_back(std::move(seg));
   };
   bind("prelude", SegmentKind::kPrelude, prelude_specs(dims_));
@@ -244,68 +280,32 @@ DitModel::DitModel(std::unique_ptr<SafetensorsFile> file) : file_(std::move(file
     throw ModelFormatError(where + ": unexpected tensor" + (count > 1 ? "s " : " ") + extra +
                            (count > 5 ? ", …" : ""));
   }
-  for (size_t i = 0; i < segments_.size(); i++) cache_.push_back(std::make_unique<CacheEntry>());
 }
 
 DitModel::~DitModel() = default;
 
-bool DitModel::params_cached(size_t index) const {
-  return index < cache_.size() && cache_[index]->ready.load(std::memory_order_acquire);
+DitModel::HostParams DitModel::prepare_params(size_t index) { return cache_->prepare(index); }
+void DitModel::release_params(size_t index) { cache_->release(index); }
+void DitModel::release_params(size_t index, Backend backend) { cache_->release(index, backend); }
+void DitModel::prefetch(const std::vector<size_t>& order, bool cyclic) {
+  cache_->prefetch(order, cyclic);
 }
-
-DitModel::HostParams DitModel::prepare_params(size_t index) {
-  if (index >= segments_.size()) {
-    throw InvalidArgumentError(path() + ": base segment " + std::to_string(index) +
-                               " out of range (the model has " + std::to_string(segments_.size()) +
-                               ")");
-  }
-  CacheEntry& entry = *cache_[index];
-  if (entry.ready.load(std::memory_order_acquire)) return {entry.data, 0};
-  // One reader per segment; a second run wanting the same segment waits and then finds it cached.
-  std::lock_guard<std::mutex> lock(entry.mu);
-  if (entry.ready.load(std::memory_order_acquire)) return {entry.data, 0};
-  const BaseSegment& seg = segments_[index];
-  const size_t size = seg.packed_bytes == 0 ? kPackAlignment : seg.packed_bytes;
-  void* raw = nullptr;
-  if (posix_memalign(&raw, kPackAlignment, size) != 0) {
-    throw Error(path() + ": could not allocate " + std::to_string(size) +
-                " bytes of host memory for the params of " + seg.name);
-  }
-  auto* data = static_cast<uint8_t*>(raw);
-  try {
-    uint64_t at = 0;
-    std::vector<ReadChunk> chunks;
-    for (const auto& t : seg.tensors) {
-      // Padding is zeroed so the buffer's bytes (and any checksum of them) are deterministic.
-      std::memset(data + at, 0, t.packed_offset - at);
-      for (uint64_t done = 0; done < t.nbytes; done += kReadChunkBytes) {
-        const uint64_t n = std::min<uint64_t>(kReadChunkBytes, t.nbytes - done);
-        chunks.push_back({t.file_offset + done, data + t.packed_offset + done, n});
-      }
-      at = t.packed_offset + t.nbytes;
-    }
-    std::memset(data + at, 0, size - at);
-    read_chunks(*file_, chunks);
-  } catch (...) {
-    std::free(data);
-    throw;
-  }
-  entry.data = data;
-  host_bytes_.fetch_add(size);
-  entry.ready.store(true, std::memory_order_release);
-  return {data, seg.param_bytes};
+void DitModel::load_all() { cache_->load_all(); }
+void DitModel::cancel_prefetch() { cache_->cancel_prefetch(); }
+bool DitModel::params_cached(size_t index) const { return cache_->cached(index); }
+uint64_t DitModel::host_cache_bytes() const { return cache_->host_bytes(); }
+LoadStats DitModel::load_stats() const { return cache_->stats(); }
+void DitModel::set_params_backend(Backend backend) { cache_->set_backend(backend); }
+DitModel::Backend DitModel::params_backend() const { return cache_->backend(); }
+void DitModel::set_read_ahead(size_t segments) { cache_->set_read_ahead(segments); }
+void DitModel::set_host_allocator(std::shared_ptr<HostAllocator> allocator) {
+  cache_->set_allocator(std::move(allocator));
 }
-
-void DitModel::release_params(size_t index) {
-  if (index >= segments_.size()) return;
-  CacheEntry& entry = *cache_[index];
-  std::lock_guard<std::mutex> lock(entry.mu);
-  if (!entry.ready.load(std::memory_order_acquire)) return;
-  entry.ready.store(false, std::memory_order_release);
-  std::free(entry.data);
-  entry.data = nullptr;
-  const BaseSegment& seg = segments_[index];
-  host_bytes_.fetch_sub(seg.packed_bytes == 0 ? kPackAlignment : seg.packed_bytes);
+void DitModel::set_verify(bool on) { cache_->set_checksums(on); }
+bool DitModel::verify() const { return cache_->checksums(); }
+uint64_t DitModel::params_checksum(size_t index) const { return cache_->checksum(index); }
+void DitModel::verify_params(size_t index, const uint8_t* data) const {
+  cache_->verify(index, data);
 }
 
 DitDims job_dims(const ModelDims& model, int64_t batch, int64_t tokens) {

@@ -68,6 +68,10 @@ std::string quoted(const std::string& s) {
 
 const char* st_dtype_name(StDType dtype) { return entry_of(dtype).name; }
 
+const char* model_format_name(ModelFormat format) {
+  return format == ModelFormat::kGguf ? "gguf" : "safetensors";
+}
+
 bool st_dtype_from_name(std::string_view name, StDType* out) {
   for (const auto& e : kDTypes) {
     if (name == e.name) {

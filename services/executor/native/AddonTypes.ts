@@ -98,7 +98,7 @@ export interface NativeDevice<Info extends NativeDeviceInfoBase = NativeCpuDevic
 
 export interface NativeTensorInfo {
   name: string;
-  /** safetensors dtype name ("F32", "BF16", …). */
+  /** safetensors dtype name ("F32", "BF16", …), or for GGUF files ggml's type name ("f32", "q8_0", …). */
   dtype: string;
   shape: number[];
   /** Absolute file offset of the tensor's data. */
