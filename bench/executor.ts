@@ -25,7 +25,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
 import type { JobResult, JobSpec, Plan as PlanMessage } from "../gen/ferry/v1/scheduler";
-import { startCluster } from "../lib/cluster/localCluster";
+import { startCluster } from "../services/cluster/localCluster";
 import { formatBytes, GiB, MiB } from "../lib/config/units";
 import { genModel, type GenModelDtype } from "../lib/model/genModel";
 import type { DeviceProfile, ModelProfile } from "../lib/model/profile";
@@ -39,8 +39,8 @@ import type {
   NativeStepReport,
 } from "../services/executor/native/AddonTypes";
 import { planFromMessage } from "../services/scheduler/planProto";
-import { planJob } from "../services/scheduler/planner/planJob";
-import type { Plan } from "../services/scheduler/planner/types";
+import { planJob } from "../lib/planner/planJob";
+import type { Plan } from "../lib/planner/types";
 
 /** sd.cpp's streaming margin: the bench device has this much above the budget. */
 const SDCPP_MARGIN_BYTES = 512 * MiB;

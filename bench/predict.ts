@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel } from "../lib/model/genModel";
-import { startCluster } from "../lib/cluster/localCluster";
+import { startCluster } from "../services/cluster/localCluster";
 
 export interface PredictBenchOptions {
   /** Model blocks. @default 8 */

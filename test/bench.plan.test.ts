@@ -16,8 +16,8 @@ import {
 import { benchDevices, benchModels, profileFiles } from "../bench/profiles";
 import { register } from "../cli/commands/bench";
 import { GiB } from "../lib/config/units";
-import { lowerBoundFor } from "../services/scheduler/planner/lowerBound";
-import { planJob } from "../services/scheduler/planner/planJob";
+import { lowerBoundFor } from "../lib/planner/lowerBound";
+import { planJob } from "../lib/planner/planJob";
 
 /** Runs `ferry bench <args>` in-process. */
 async function bench(...args: string[]) {

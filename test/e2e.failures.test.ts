@@ -6,7 +6,7 @@ import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { startSchedulerServer } from "../services/scheduler/server";
-import { startCluster, type Cluster } from "../lib/cluster/localCluster";
+import { startCluster, type Cluster } from "../services/cluster/localCluster";
 
 const baseSpec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
   modelPath,

@@ -8,7 +8,7 @@ import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { runReference } from "../lib/model/reference";
 import { readTraceFile, stepReports } from "../lib/telemetry/traceReport";
-import { startCluster, type Cluster } from "../lib/cluster/localCluster";
+import { startCluster, type Cluster } from "../services/cluster/localCluster";
 
 // A real scheduler (port 0), a real executor process, a real model file: the whole path.
 describe("a job end to end", () => {

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { GiB, MiB } from "../lib/config/units";
-import { resolveBudget, STREAM_MARGIN_BYTES } from "../services/scheduler/planner/budget";
-import { PlanError } from "../services/scheduler/planner/types";
+import { resolveBudget, STREAM_MARGIN_BYTES } from "../lib/planner/budget";
+import { PlanError } from "../lib/planner/types";
 
 // Free memory of a 12 GiB card with nothing else on it.
 const free = 12 * GiB; // 12884901888

@@ -7,8 +7,8 @@ import {
   theilSen,
   type SegmentMeasurement,
   type StepMeasurement,
-} from "../services/scheduler/planner/calibration";
-import { planJob } from "../services/scheduler/planner/planJob";
+} from "../lib/planner/calibration";
+import { planJob } from "../lib/planner/planJob";
 import { mulberry32 } from "./helpers/randomProfiles";
 
 const reported: DeviceProfile = {

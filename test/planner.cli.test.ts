@@ -7,9 +7,9 @@ import { register, runPlanCommand, type PlanCommandIo } from "../cli/commands/pl
 import { GiB, MiB } from "../lib/config/units";
 import { genModel } from "../lib/model/genModel";
 import { modelProfileFromFile } from "../lib/model/segments";
-import { planJob } from "../services/scheduler/planner/planJob";
-import { planToJson } from "../services/scheduler/planner/planJson";
-import { readProfileFile } from "../services/scheduler/planner/profileFile";
+import { planJob } from "../lib/planner/planJob";
+import { planToJson } from "../lib/planner/planJson";
+import { readProfileFile } from "../lib/planner/profileFile";
 
 const tiny = join(__dirname, "fixtures/profiles/tiny-dit.json");
 const zimage = join(__dirname, "fixtures/profiles/zimage-rtx3060.json");

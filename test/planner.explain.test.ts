@@ -2,10 +2,10 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { GiB, MiB } from "../lib/config/units";
 import type { BaseSegment, DeviceProfile } from "../lib/model/profile";
-import { describeBudgetSource, explainPlan } from "../services/scheduler/planner/explainPlan";
-import { formatPlan } from "../services/scheduler/planner/formatPlan";
-import { planJob } from "../services/scheduler/planner/planJob";
-import { readProfileFile } from "../services/scheduler/planner/profileFile";
+import { describeBudgetSource, explainPlan } from "../lib/planner/explainPlan";
+import { formatPlan } from "../lib/planner/formatPlan";
+import { planJob } from "../lib/planner/planJob";
+import { readProfileFile } from "../lib/planner/profileFile";
 
 const fixture = join(__dirname, "fixtures/profiles/zimage-rtx3060.json");
 

@@ -11,30 +11,26 @@ import {
   DEFAULT_TFLOPS,
   deviceRates,
   priceRuns,
-} from "../services/scheduler/planner/costModel";
+} from "../lib/planner/costModel";
 import {
   costExplanationJson,
   explainCosts,
   formatCostExplanation,
   formatSeconds,
-} from "../services/scheduler/planner/explainFerry";
+} from "../lib/planner/explainFerry";
 import {
   FERRY_MARGIN_BYTES,
   ferryMemory,
   planFerry,
   resolveFerryBudget,
-} from "../services/scheduler/planner/ferryPolicy";
-import { formatPlan } from "../services/scheduler/planner/formatPlan";
-import { lowerBound, lowerBoundFor } from "../services/scheduler/planner/lowerBound";
-import { KNOWN_POLICIES, planJob } from "../services/scheduler/planner/planJob";
-import { planToJson } from "../services/scheduler/planner/planJson";
-import { parseProfile, readProfileFile } from "../services/scheduler/planner/profileFile";
-import {
-  simulatePlan,
-  simulateSchedule,
-  type ScheduleSegment,
-} from "../services/scheduler/planner/simulate";
-import { PlanError, type PlanOptions } from "../services/scheduler/planner/types";
+} from "../lib/planner/ferryPolicy";
+import { formatPlan } from "../lib/planner/formatPlan";
+import { lowerBound, lowerBoundFor } from "../lib/planner/lowerBound";
+import { KNOWN_POLICIES, planJob } from "../lib/planner/planJob";
+import { planToJson } from "../lib/planner/planJson";
+import { parseProfile, readProfileFile } from "../lib/planner/profileFile";
+import { simulatePlan, simulateSchedule, type ScheduleSegment } from "../lib/planner/simulate";
+import { PlanError, type PlanOptions } from "../lib/planner/types";
 
 const profiles = join(__dirname, "fixtures/profiles");
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { formatPlanJson, planToJson } from "../services/scheduler/planner/planJson";
-import type { Plan } from "../services/scheduler/planner/types";
+import { formatPlanJson, planToJson } from "../lib/planner/planJson";
+import type { Plan } from "../lib/planner/types";
 
 const plan: Plan = {
   policy: "sdcpp",

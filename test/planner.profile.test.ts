@@ -7,8 +7,8 @@ import {
   parseModelProfile,
   parseProfile,
   readProfileFile,
-} from "../services/scheduler/planner/profileFile";
-import { PlanError } from "../services/scheduler/planner/types";
+} from "../lib/planner/profileFile";
+import { PlanError } from "../lib/planner/types";
 
 let dir: string;
 beforeAll(async () => {

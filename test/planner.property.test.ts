@@ -6,17 +6,13 @@
  * only the policies' choices.
  */
 import { describe, expect, it } from "vitest";
-import { buildCostModel } from "../services/scheduler/planner/costModel";
-import {
-  FERRY_MAX_SLOTS,
-  ferryMemory,
-  resolveFerryBudget,
-} from "../services/scheduler/planner/ferryPolicy";
-import { lowerBound, memoryCap } from "../services/scheduler/planner/lowerBound";
-import { planJob } from "../services/scheduler/planner/planJob";
-import { residencyLimit, segmentVram, worstFootprint } from "../services/scheduler/planner/sdcpp";
-import { simulatePlan } from "../services/scheduler/planner/simulate";
-import { PlanError, type Plan, type PlannedSegment } from "../services/scheduler/planner/types";
+import { buildCostModel } from "../lib/planner/costModel";
+import { FERRY_MAX_SLOTS, ferryMemory, resolveFerryBudget } from "../lib/planner/ferryPolicy";
+import { lowerBound, memoryCap } from "../lib/planner/lowerBound";
+import { planJob } from "../lib/planner/planJob";
+import { residencyLimit, segmentVram, worstFootprint } from "../lib/planner/sdcpp";
+import { simulatePlan } from "../lib/planner/simulate";
+import { PlanError, type Plan, type PlannedSegment } from "../lib/planner/types";
 import { mulberry32, randomCase, type RandomCase } from "./helpers/randomProfiles";
 
 const CASES = 2000;

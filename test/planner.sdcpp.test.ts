@@ -2,9 +2,9 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { GiB, MiB } from "../lib/config/units";
 import type { BaseSegment, DeviceProfile, ModelProfile } from "../lib/model/profile";
-import { planJob } from "../services/scheduler/planner/planJob";
-import { planToJson } from "../services/scheduler/planner/planJson";
-import { readProfileFile } from "../services/scheduler/planner/profileFile";
+import { planJob } from "../lib/planner/planJob";
+import { planToJson } from "../lib/planner/planJson";
+import { readProfileFile } from "../lib/planner/profileFile";
 import {
   mergeBaseSegments,
   residencyLimit,
@@ -12,8 +12,8 @@ import {
   sdcppPlannerBudget,
   segmentFootprint,
   worstFootprint,
-} from "../services/scheduler/planner/sdcpp";
-import { PlanError, type PlanOptions } from "../services/scheduler/planner/types";
+} from "../lib/planner/sdcpp";
+import { PlanError, type PlanOptions } from "../lib/planner/types";
 
 const margin = 512 * MiB;
 

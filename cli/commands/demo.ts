@@ -3,12 +3,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
 import type { JobResult } from "../../gen/ferry/v1/scheduler";
-import { startCluster, type Cluster } from "../../lib/cluster/localCluster";
+import { startCluster, type Cluster } from "../../services/cluster/localCluster";
 import { parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
 import { formatBytes, parseBytes } from "../../lib/config/units";
 import { genModel, GEN_MODEL_FLOAT_DTYPES, type GenModelDtype } from "../../lib/model/genModel";
 import { planFromMessage } from "../../services/scheduler/planProto";
-import { formatPlan } from "../../services/scheduler/planner/formatPlan";
+import { formatPlan } from "../../lib/planner/formatPlan";
 import { action } from "../action";
 import { formatStep } from "./run";
 

@@ -14,12 +14,12 @@ import {
   costExplanationJson,
   explainCosts,
   formatCostExplanation,
-} from "../../services/scheduler/planner/explainFerry";
-import { formatPlan } from "../../services/scheduler/planner/formatPlan";
-import { KNOWN_POLICIES, planJob } from "../../services/scheduler/planner/planJob";
-import { formatPlanJson, planToJson } from "../../services/scheduler/planner/planJson";
-import { readProfileFile } from "../../services/scheduler/planner/profileFile";
-import type { Plan, PolicyName } from "../../services/scheduler/planner/types";
+} from "../../lib/planner/explainFerry";
+import { formatPlan } from "../../lib/planner/formatPlan";
+import { KNOWN_POLICIES, planJob } from "../../lib/planner/planJob";
+import { formatPlanJson, planToJson } from "../../lib/planner/planJson";
+import { readProfileFile } from "../../lib/planner/profileFile";
+import type { Plan, PolicyName } from "../../lib/planner/types";
 
 /** Tokens per sample when planning a model file. Matches the scheduler's job default. */
 export const DEFAULT_PLAN_TOKENS = 64;

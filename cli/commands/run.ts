@@ -6,7 +6,7 @@ import { SchedulerClient } from "../../lib/client/schedulerClient";
 import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
 import { formatBytes } from "../../lib/config/units";
 import { planFromMessage } from "../../services/scheduler/planProto";
-import { planToJson } from "../../services/scheduler/planner/planJson";
+import { planToJson } from "../../lib/planner/planJson";
 import { action } from "../action";
 
 interface RunFlags {

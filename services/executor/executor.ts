@@ -14,8 +14,8 @@ import {
 } from "../../gen/ferry/v1/scheduler";
 import { ferryVersion } from "../../lib/packageInfo";
 import { contextFromTraceparent } from "../../lib/telemetry/tracing";
-import { GRPC_MESSAGE_LIMIT } from "../scheduler/server";
-import { statusName, toStatusError } from "../scheduler/statusError";
+import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
+import { statusName, toStatusError } from "../../lib/wire/statusError";
 import { loadAddon, mapNativeError } from "./native/addon";
 import type {
   NativeCpuDeviceInfo,

@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { genModel } from "../../lib/model/genModel";
 import { modelProfileFromFile } from "../../lib/model/segments";
-import { calibrateDevice, type StepMeasurement } from "../scheduler/planner/calibration";
+import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
 import type { NativeAddon, NativeDevice, NativeDeviceInfoBase } from "./native/AddonTypes";
 
 export interface ComputeProbe {

@@ -1,5 +1,5 @@
 import { Plan as PlanMessage, type DeviceInfo } from "../../gen/ferry/v1/scheduler";
-import type { DeviceProfile, Plan } from "./planner/types";
+import type { DeviceProfile, Plan } from "../../lib/planner/types";
 
 /** The planner's plan as the wire message sent to executors and clients. */
 export function planToMessage(plan: Plan): PlanMessage {

@@ -19,10 +19,10 @@ import { modelProfileFromFile } from "../../lib/model/segments";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
 import { Job, type ResolvedJobSpec } from "./jobs";
 import { deviceProfileOf, planToMessage } from "./planProto";
-import { calibrateDevice, type StepMeasurement } from "./planner/calibration";
-import { KNOWN_POLICIES, planJob } from "./planner/planJob";
-import type { DeviceProfile, PlanOptions, PolicyName } from "./planner/types";
-import { StatusError, statusName, toStatusError } from "./statusError";
+import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
+import { KNOWN_POLICIES, planJob } from "../../lib/planner/planJob";
+import type { DeviceProfile, PlanOptions, PolicyName } from "../../lib/planner/types";
+import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
 
 export const DEFAULT_TOKENS = 64;
 const MAX_STEPS = 1_000_000;

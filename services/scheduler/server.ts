@@ -17,10 +17,8 @@ import {
   type WatchJobResponse,
 } from "../../gen/ferry/v1/scheduler";
 import { Scheduler, type SchedulerOptions } from "./scheduler";
-import { toStatusError } from "./statusError";
-
-/** gRPC limits: results carry the output tensor, so allow messages past the 4 MiB default. */
-export const GRPC_MESSAGE_LIMIT = 256 * 1024 * 1024;
+import { toStatusError } from "../../lib/wire/statusError";
+import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
 
 export interface SchedulerServerOptions extends SchedulerOptions {
   /** HOST:PORT to listen on; port 0 picks a free one. @default "127.0.0.1:7400" */

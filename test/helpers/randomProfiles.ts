@@ -7,7 +7,7 @@
 import { GiB, MiB } from "../../lib/config/units";
 import type { BaseSegment, DeviceProfile, ModelProfile } from "../../lib/model/profile";
 import { mulberry32 } from "../../bench/plan";
-import type { PlanOptions } from "../../services/scheduler/planner/types";
+import type { PlanOptions } from "../../lib/planner/types";
 
 export { mulberry32 };
 

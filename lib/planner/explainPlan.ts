@@ -2,7 +2,7 @@
  * Why an `sdcpp` plan looks the way it does, recomputed from the plan alone — so the same
  * explanation works for a plan made here and for one received from the scheduler.
  */
-import { formatBytes, formatGiBValue, GiB } from "../../../lib/config/units";
+import { formatBytes, formatGiBValue, GiB } from "../config/units";
 import { STREAM_MARGIN_BYTES } from "./budget";
 import {
   residencyLimit,

@@ -1,4 +1,4 @@
-import type { BaseSegment, DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import type { BaseSegment, DeviceProfile, ModelProfile } from "../model/profile";
 import type { CostModelOptions } from "./costModel";
 
 export type { BaseSegment, DeviceProfile, ModelProfile };

@@ -12,8 +12,8 @@
  *    segment in flight, then keep the longest prefix of merged segments whose parameters fit in
  *    the rest of E resident; stream the others every step.
  */
-import { formatBytes, bestUnit } from "../../../lib/config/units";
-import type { BaseSegment, DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import { formatBytes, bestUnit } from "../config/units";
+import type { BaseSegment, DeviceProfile, ModelProfile } from "../model/profile";
 import { resolveBudget, STREAM_MARGIN_BYTES } from "./budget";
 import { PlanError, type Plan, type PlanOptions, type PlannedSegment } from "./types";
 

@@ -1,4 +1,4 @@
-import type { DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import type { DeviceProfile, ModelProfile } from "../model/profile";
 import { buildCostModel } from "./costModel";
 import { planFerry } from "./ferryPolicy";
 import { lowerBound, memoryCap } from "./lowerBound";

@@ -12,7 +12,7 @@
  * - streaming: E = min(B, free − 512 MiB), the margin sd.cpp keeps for the CUDA context,
  *   allocator slack and buffers outside the plan; without streaming: E = min(B, free).
  */
-import { formatBytes, formatGiBValue, GiB, MiB } from "../../../lib/config/units";
+import { formatBytes, formatGiBValue, GiB, MiB } from "../config/units";
 import { PlanError } from "./types";
 
 /**

@@ -1,5 +1,5 @@
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
-import { PlanError } from "./planner/types";
+import { PlanError } from "../planner/types";
 
 /** A gRPC status error: what handlers throw so the client sees a code and a message. */
 export class StatusError extends Error implements Partial<ServiceError> {

@@ -20,7 +20,7 @@
  * `{"source", "notes", "device"}`), combined by `ferry plan --profile m.json --device-profile d.json`.
  */
 import { readFile } from "node:fs/promises";
-import type { BaseSegment, DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import type { BaseSegment, DeviceProfile, ModelProfile } from "../model/profile";
 import { PlanError } from "./types";
 
 /** A parsed profile file that may lack its device (see {@link ProfileFileOptions.deviceOptional}). */

@@ -13,7 +13,7 @@
  * are marked in {@link DeviceRates.assumed} so explanations can say the numbers are guesses until
  * calibration (calibration.ts) replaces them.
  */
-import type { BaseSegment, DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import type { BaseSegment, DeviceProfile, ModelProfile } from "../model/profile";
 import { PlanError } from "./types";
 
 /**

@@ -4,8 +4,8 @@
  * `ferry`: its margin, staging slots and memory), then the predicted step time when the plan
  * carries one. `ferry plan --explain` adds the cost breakdown (explainFerry.ts).
  */
-import { formatBytes } from "../../../lib/config/units";
-import type { DeviceProfile } from "../../../lib/model/profile";
+import { formatBytes } from "../config/units";
+import type { DeviceProfile } from "../model/profile";
 import { STREAM_MARGIN_BYTES } from "./budget";
 import { formatSeconds } from "./explainFerry";
 import { describeBudgetSource, explainPlan } from "./explainPlan";

@@ -46,8 +46,8 @@
  * The plan with the smallest predicted steady-state step time wins; ties go to the earlier
  * candidate in the order above (finer granularity, fewer slots).
  */
-import { bestUnit, formatBytes, formatGiBValue, MiB } from "../../../lib/config/units";
-import type { BaseSegment, DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import { bestUnit, formatBytes, formatGiBValue, MiB } from "../config/units";
+import type { BaseSegment, DeviceProfile, ModelProfile } from "../model/profile";
 import { resolveBudget, type BudgetInputs, type ResolvedBudget } from "./budget";
 import { buildCostModel, type CostModel, type RunCost } from "./costModel";
 import { lowerBound, memoryCap } from "./lowerBound";

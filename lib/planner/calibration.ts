@@ -20,7 +20,7 @@
  * A rate replaces the reported one only with at least `minSamples` usable samples and a sane
  * (positive, finite) result; otherwise the reported value stays and the result says why.
  */
-import type { DeviceProfile } from "../../../lib/model/profile";
+import type { DeviceProfile } from "../model/profile";
 
 /** One merged segment of one step, as an executor measures it. */
 export interface SegmentMeasurement {

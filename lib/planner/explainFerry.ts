@@ -5,8 +5,8 @@
  * for the budget, and what the other policy would do on the same input, priced on the same
  * simulator. Works for plans of either policy.
  */
-import { formatBytes } from "../../../lib/config/units";
-import type { DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import { formatBytes } from "../config/units";
+import type { DeviceProfile, ModelProfile } from "../model/profile";
 import { buildCostModel, type DeviceRates } from "./costModel";
 import { ferryMemory, type FerryMemory } from "./ferryPolicy";
 import { lowerBound, memoryCap, type LowerBound } from "./lowerBound";

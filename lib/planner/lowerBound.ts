@@ -44,7 +44,7 @@
  * keeps the bound valid (and a little loose). Each simulated plan is at least its engines' work
  * per step (simulate.ts), which is at least its class's terms.
  */
-import type { DeviceProfile, ModelProfile } from "../../../lib/model/profile";
+import type { DeviceProfile, ModelProfile } from "../model/profile";
 import { resolveBudget } from "./budget";
 import { buildCostModel, type CostModel, type CostModelOptions } from "./costModel";
 import type { PlanOptions } from "./types";

@@ -1,8 +1,8 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
-import { SchedulerClient } from "../client/schedulerClient";
-import { packageRoot } from "../packageInfo";
-import { startSchedulerServer, type SchedulerServer } from "../../services/scheduler/server";
+import { SchedulerClient } from "../../lib/client/schedulerClient";
+import { packageRoot } from "../../lib/packageInfo";
+import { startSchedulerServer, type SchedulerServer } from "../scheduler/server";
 
 /**
  * A scheduler on a loopback port and executor processes started from the built CLI, as an
