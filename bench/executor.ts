@@ -30,14 +30,14 @@ import { formatBytes, GiB, MiB } from "../lib/config/units";
 import { genModel, type GenModelDtype } from "../lib/model/genModel";
 import type { DeviceProfile, ModelProfile } from "../lib/model/profile";
 import { modelProfileFromFile } from "../lib/model/segments";
-import { loadAddon, mapNativeError } from "../services/executor/native/addon";
+import { loadAddon, mapNativeError } from "../lib/native/addon";
 import type {
   NativeAddon,
   NativeDevice,
   NativeModel,
   NativeRunRequest,
   NativeStepReport,
-} from "../services/executor/native/AddonTypes";
+} from "../lib/native/AddonTypes";
 import { planFromMessage } from "../services/scheduler/planProto";
 import { planJob } from "../lib/planner/planJob";
 import type { Plan } from "../lib/planner/types";
@@ -145,7 +145,6 @@ function requestOf(plan: Plan, batch: number, tokens: number, steps: number): Na
       firstBase: s.base[0],
       lastBase: s.base[1],
       resident: s.resident,
-      computeBufferBytes: s.compute_buffer_bytes,
     })),
     slots: plan.slots ?? 0,
   };
@@ -231,7 +230,6 @@ export async function runExecutorBench(
         firstBase: i,
         lastBase: i,
         resident: true,
-        computeBufferBytes: segment.compute_buffer_bytes,
       })),
       slots: 1,
     };

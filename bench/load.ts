@@ -16,8 +16,8 @@ import { join } from "node:path";
 import type { Command } from "commander";
 import { genModel } from "../lib/model/genModel";
 import { modelProfileFromFile } from "../lib/model/segments";
-import { loadAddon } from "../services/executor/native/addon";
-import type { NativeModel } from "../services/executor/native/AddonTypes";
+import { loadAddon } from "../lib/native/addon";
+import type { NativeModel } from "../lib/native/AddonTypes";
 
 export interface LoadBenchOptions {
   /** Model blocks (hidden 1024, f32: ~50 MB a block). @default 40 */
@@ -64,7 +64,6 @@ export async function runLoadBench(options: LoadBenchOptions = {}): Promise<Load
       firstBase: index,
       lastBase: index,
       resident: false,
-      computeBufferBytes: segment.compute_buffer_bytes,
     }));
 
     let cold = dropPageCache();

@@ -1,9 +1,17 @@
 #!/usr/bin/env node
 // Builds everything a fresh clone needs, in order: protos → TypeScript stubs (buf + ts-proto),
-// the native addon and its ctest suite (cmake-js), then the TypeScript (tsc).
-// `npm ci` runs this through `prepare`; `--only proto|native|ts` runs one stage.
+// ggml's sources, the native addon and its ctest suite (cmake-js, ggml as a CMake subproject),
+// then the TypeScript (tsc). `npm ci` runs this through `prepare`; `--only proto|native|ts` runs
+// one stage.
+//
+// ggml comes from the npm package node-llama-cpp (pinned exactly in package.json): it ships
+// llama/gitRelease.bundle, a git bundle of the llama.cpp release it was built from, whose ggml/
+// directory is extracted once into build/ggml-src/ (nothing is downloaded here). FERRY_GGML_DIR
+// points at another ggml checkout instead. FERRY_CUDA=1 builds ggml's CUDA backend too (it needs
+// the CUDA toolkit with cuBLAS); FERRY_PORTABLE=1 builds without -march=native.
 import { spawnSync } from "node:child_process";
-import { rmSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -40,6 +48,68 @@ function buildProto() {
   run("protos → gen/ (buf generate, ts-proto)", bin("buf"), ["generate"]);
 }
 
+/** Where ggml's sources are: FERRY_GGML_DIR, or build/ggml-src extracted from the bundle. */
+function ggmlSources() {
+  const override = process.env.FERRY_GGML_DIR;
+  if (override) {
+    if (
+      !existsSync(join(override, "CMakeLists.txt")) ||
+      !existsSync(join(override, "include", "ggml.h"))
+    ) {
+      fail(
+        `FERRY_GGML_DIR=${override} is not a ggml checkout (no CMakeLists.txt and include/ggml.h there).`,
+      );
+    }
+    return override;
+  }
+  const bundle = join(root, "node_modules", "node-llama-cpp", "llama", "gitRelease.bundle");
+  if (!existsSync(bundle)) {
+    fail(
+      `${bundle} is missing: run \`npm ci\` (the node-llama-cpp package carries ggml's sources), or set FERRY_GGML_DIR to a ggml checkout.`,
+    );
+  }
+  const dest = join(root, "build", "ggml-src");
+  const stamp = join(dest, ".ferry-bundle-sha256");
+  const digest = createHash("sha256").update(readFileSync(bundle)).digest("hex");
+  if (existsSync(stamp) && readFileSync(stamp, "utf8").trim() === digest) return dest;
+  requireTool(
+    "git",
+    ["--version"],
+    "Install git (Debian: apt-get install git): ggml is extracted from a git bundle.",
+  );
+  const scratch = join(root, "build", "ggml-bundle.git");
+  const partial = `${dest}.partial`;
+  rmSync(scratch, { recursive: true, force: true });
+  rmSync(partial, { recursive: true, force: true });
+  mkdirSync(partial, { recursive: true });
+  run("ggml sources ← node-llama-cpp's llama.cpp bundle", "git", [
+    "clone",
+    "--quiet",
+    "--bare",
+    bundle,
+    scratch,
+  ]);
+  // git archive | tar, without a shell: the archive goes through a buffer (ggml/ is ~10 MB).
+  const archive = spawnSync(
+    "git",
+    ["--git-dir", scratch, "archive", "--format=tar", "HEAD", "ggml"],
+    {
+      cwd: root,
+      maxBuffer: 1 << 30,
+    },
+  );
+  if (archive.status !== 0) fail(`git archive of the bundle failed: ${archive.stderr}`);
+  const untar = spawnSync("tar", ["-x", "--strip-components=1", "-C", partial], {
+    input: archive.stdout,
+  });
+  if (untar.status !== 0) fail(`extracting ggml from the bundle failed: ${untar.stderr}`);
+  rmSync(scratch, { recursive: true, force: true });
+  rmSync(dest, { recursive: true, force: true });
+  renameSync(partial, dest);
+  writeFileSync(stamp, `${digest}\n`);
+  return dest;
+}
+
 function buildNative() {
   requireTool("cmake", ["--version"], "Install CMake ≥ 3.18 (Debian: apt-get install cmake).");
   const cxx = process.env.CXX ?? "c++";
@@ -54,6 +124,9 @@ function buildNative() {
     "--parallel",
     parallel,
     "--CDFERRY_BUILD_TESTS=ON",
+    `--CDFERRY_GGML_DIR=${ggmlSources()}`,
+    `--CDFERRY_CUDA=${process.env.FERRY_CUDA === "1" ? "ON" : "OFF"}`,
+    `--CDFERRY_PORTABLE=${process.env.FERRY_PORTABLE === "1" ? "ON" : "OFF"}`,
   ]);
 }
 

@@ -7,6 +7,7 @@ import { runPlanCommand } from "../cli/commands/plan";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { runReference } from "../lib/model/reference";
+import { QUANTIZED_TOLERANCE } from "./referenceTolerance";
 import { readTraceFile, stepReports } from "../lib/telemetry/traceReport";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
 
@@ -129,7 +130,9 @@ describe("a job end to end", () => {
     for (let i = 0; i < native.length; i++) {
       worst = Math.max(worst, Math.abs(native[i] - reference[i]));
     }
-    expect(worst).toBeLessThan(1e-4);
+    // ggml quantizes the activations to q8_0 too (the reference does the same, but one value
+    // rounding the other way moves an output by ~max|x|/127·|w|): see QUANTIZED_TOLERANCE.
+    expect(worst).toBeLessThan(QUANTIZED_TOLERANCE.q8_0);
   });
 
   it("matches the TypeScript reference of the model within 1e-4", async () => {

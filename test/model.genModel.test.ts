@@ -167,8 +167,8 @@ describe("genModel", () => {
     await expect(genModel(path, { hidden: 2.5 })).rejects.toThrow(
       "--hidden must be a positive integer",
     );
-    await expect(genModel(path, { dtype: "q5_1" as never })).rejects.toThrow(
-      "--dtype must be one of f32, f16, bf16, q8_0, q4_0",
+    await expect(genModel(path, { dtype: "q7_9" as never })).rejects.toThrow(
+      "--dtype must be one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_nl, iq4_xs",
     );
     await expect(genModel(path, { dtype: "q4_0" })).rejects.toThrow(
       "--dtype q4_0 is a ggml quantized type and needs GGUF",
@@ -259,7 +259,10 @@ describe("ferry gen-model", () => {
     [["--blocks", "0"], "--blocks must be a positive integer (got '0')"],
     [["--hidden", "1e3"], "--hidden must be a positive integer (got '1e3')"],
     [["--channels", "-4"], "--channels must be a positive integer (got '-4')"],
-    [["--dtype", "q5_1"], "--dtype must be one of f32, f16, bf16, q8_0, q4_0 (got q5_1)"],
+    [
+      ["--dtype", "q7_9"],
+      "--dtype must be one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_nl, iq4_xs (got q7_9)",
+    ],
     [["--dtype", "q8_0"], "--dtype q8_0 is a ggml quantized type and needs GGUF"],
     [["--seed", "18446744073709551616"], "--seed must be an integer in [0, 2^64)"],
   ] as const) {

@@ -12,15 +12,14 @@ import {
   loadAddon,
   mapNativeError,
   ModelFormatError,
-} from "../services/executor/native/addon";
+} from "../lib/native/addon";
 import type {
-  NativeAddon,
   NativeModel,
   NativeModelInfo,
   NativePlanSegment,
   NativeRunRequest,
   NativeStepReport,
-} from "../services/executor/native/AddonTypes";
+} from "../lib/native/AddonTypes";
 
 // The addon loaded for real, on real files: plans agree bit for bit, the device is left empty,
 // errors arrive typed, and a run never blocks the event loop.
@@ -103,27 +102,9 @@ async function writeDit(path: string, dit: DitShape, seed = 1): Promise<number> 
   return offset;
 }
 
-type Kind = "prelude" | "block" | "final";
-const kindOf = (name: string): Kind =>
-  name === "prelude" ? "prelude" : name === "final" ? "final" : "block";
-
-/** Plans over the model's base segments, with exactly the scratch the kernels need. */
-function makePlan(
-  addon: NativeAddon,
-  info: NativeModelInfo,
-  batch: number,
-  tokens: number,
-  groups: [number, number, boolean][],
-): NativePlanSegment[] {
-  const dims = { ...info.dims, batch, tokens };
-  return groups.map(([firstBase, lastBase, resident]) => {
-    let computeBufferBytes = 0;
-    for (let b = firstBase; b <= lastBase; b++) {
-      const kind = kindOf(info.baseSegments[b]!.name);
-      computeBufferBytes = Math.max(computeBufferBytes, addon.scratchBytes(kind, dims));
-    }
-    return { firstBase, lastBase, resident, computeBufferBytes };
-  });
+/** Plans over the model's base segments from [first, last, resident] groups. */
+function makePlan(groups: [number, number, boolean][]): NativePlanSegment[] {
+  return groups.map(([firstBase, lastBase, resident]) => ({ firstBase, lastBase, resident }));
 }
 
 const perBase = (info: NativeModelInfo, resident: boolean): [number, number, boolean][] =>
@@ -183,6 +164,7 @@ describe("native addon", () => {
     expect(device.info()).toEqual({
       name: "cpu",
       kind: "cpu",
+      backend: "CPU",
       totalBytes: 1 << 20,
       freeBytes: 1 << 20,
       linkGbps: 8,
@@ -214,7 +196,15 @@ describe("native addon", () => {
     expect(info.path).toBe(tinyPath);
     expect(info.format).toBe("safetensors");
     expect(info.metadata["ferry.arch"]).toBe("dit");
-    expect(info.dims).toEqual(tiny);
+    expect(info.arch).toBe("ferry-dit");
+    expect(info.config).toEqual(tiny);
+    expect(info.baseSegments.map((s) => s.kind)).toEqual([
+      "prelude",
+      "block",
+      "block",
+      "block",
+      "final",
+    ]);
     expect(info.baseSegments.map((s) => s.name)).toEqual([
       "prelude",
       "blocks.0",
@@ -242,7 +232,7 @@ describe("native addon", () => {
       tokens: 6,
       steps: 2,
       seed: 11,
-      segments: makePlan(addon, info, 2, 6, groups),
+      segments: makePlan(groups),
     });
 
     const reports: NativeStepReport[] = [];
@@ -301,7 +291,7 @@ describe("native addon", () => {
     const explicit = await addon.startRun(device, model, {
       ...request(perBase(info, false)),
       seed: 0,
-      input: initialLatent(2 * 6 * 8, 11n),
+      inputs: { z: initialLatent(2 * 6 * 8, 11n) },
     }).done;
     expect(sameBytes(explicit.output, first.output)).toBe(true);
     const bigSeed = await addon.startRun(device, model, {
@@ -323,7 +313,7 @@ describe("native addon", () => {
       tokens: 6,
       steps: 2,
       seed: 0,
-      segments: makePlan(addon, info, 2, 6, whole(info, true)),
+      segments: makePlan(whole(info, true)),
     });
     const error = await rejection(run.done);
     expect(error.name).toBe("DeviceOutOfMemoryError");
@@ -368,14 +358,16 @@ describe("native addon", () => {
       tokens: 4,
       steps: 1,
       seed: 0,
-      segments: makePlan(addon, info, 1, 4, perBase(info, false)),
+      segments: makePlan(perBase(info, false)),
     };
     const gap = await rejection(
       addon.startRun(device, model, { ...base, segments: base.segments.filter((_, i) => i !== 2) })
         .done,
     );
     expect(mapNativeError(gap)).toBeInstanceOf(InvalidArgumentError);
-    expect(gap.message).toMatch(/plan segment 2 starts at base segment 3, expected 2/);
+    expect(gap.message).toMatch(
+      /plan segment 2 covers base segments 3..3; segments must cover 0..4 in order/,
+    );
     expect(() =>
       addon.startRun(device, model, { ...base, batch: "two" } as unknown as NativeRunRequest),
     ).toThrow(/batch must be a number/);
@@ -406,7 +398,7 @@ describe("native addon", () => {
       tokens: 32,
       steps,
       seed: 5,
-      segments: makePlan(addon, info, 2, 32, perBase(info, false)),
+      segments: makePlan(perBase(info, false)),
     });
 
     it("keeps the event loop turning while it runs", async () => {

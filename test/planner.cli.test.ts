@@ -199,7 +199,7 @@ describe("ferry plan errors", () => {
     ],
     [
       ["--profile", tiny, "--policy", "bogus"],
-      "ferry plan: unknown policy 'bogus' (known: sdcpp, ferry)\n",
+      "ferry plan: unknown policy 'bogus' (known: sdcpp, sdcpp-prefetch, ferry)\n",
     ],
     [
       ["--profile", tiny, "--max-vram", "-20"],

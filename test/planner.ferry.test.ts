@@ -335,7 +335,7 @@ describe("ferry memory and budget", () => {
 
 describe("the ferry policy", () => {
   it("is registered beside sdcpp; sdcpp stays the default", () => {
-    expect(KNOWN_POLICIES).toEqual(["sdcpp", "ferry"]);
+    expect(KNOWN_POLICIES).toEqual(["sdcpp", "sdcpp-prefetch", "ferry"]);
     const m = model(blocks(2, MiB, 0.01));
     const plan = planJob(m, device(), { stream: true } as PlanOptions);
     expect(plan.policy).toBe("sdcpp");

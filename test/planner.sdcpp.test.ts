@@ -391,7 +391,7 @@ describe("errors", () => {
   it("unknown policy lists the known ones", () => {
     expect(() =>
       planJob(model(params(1)), device(GiB), { policy: "bogus" as "sdcpp", stream: true }),
-    ).toThrow("unknown policy 'bogus' (known: sdcpp, ferry)");
+    ).toThrow("unknown policy 'bogus' (known: sdcpp, sdcpp-prefetch, ferry)");
   });
 
   it("non-finite or negative inputs name the field", () => {

@@ -9,19 +9,22 @@
  *   - weight matrices [out, in]: u/√in (variance-preserving, like PyTorch's Linear init);
  *   - biases: 0.02·u;
  *   - norm weights: 1 + 0.1·u.
- * Values are rounded to float32, then to f16/bf16 (nearest even) or quantized to q8_0/q4_0 with
- * ggml's reference quantizers when asked for. The float32 values depend only on the seed and the
- * tensor, never on the format or dtype, so every file made from one seed holds the same model.
+ * Values are rounded to float32, then to f16/bf16 (nearest even) or quantized with ggml's own
+ * quantizer (ggml_quantize_chunk, through the native addon) when asked for. The float32 values
+ * depend only on the seed and the tensor, never on the format or dtype, so every file made from
+ * one seed holds the same model.
  *
- * Formats: safetensors (f32, f16, bf16) or GGUF (those and q8_0, q4_0). GGUF files carry
+ * Formats: safetensors (f32, f16, bf16) or GGUF (those and the quantized types of
+ * GEN_MODEL_QUANT_DTYPES: q8_0, q4_0, the k-quants, iq4_nl, …). GGUF files carry
  * `general.architecture = "ferry-dit"` and `ferry-dit.{blocks,hidden,heads,channels}` (uint32);
  * tensor names are the safetensors names, dimensions in ggml order (ne = reversed shape). In a
  * quantized file every 2-D weight matrix is quantized, and norm weights and biases stay f32 — as
  * llama.cpp quantizes — except a matrix whose rows (ne[0], its input width) are not a whole number
- * of 32-element blocks (e.g. embed.weight with 16 channels), which cannot be quantized and is
- * stored f16, the last-resort type llama.cpp's quantizer also falls back to.
+ * of the type's blocks (32 elements; 256 for the k-quants and iq4_xs: e.g. embed.weight with 16
+ * channels), which cannot be quantized and is stored f16, the last-resort type llama.cpp's
+ * quantizer also falls back to.
  */
-import { encodeFloats, FLOAT_DTYPE_BYTES, type FloatDtype } from "./half";
+import { FLOAT_DTYPE_BYTES, type FloatDtype } from "./half";
 import {
   ditTensorSpecs,
   ditMetadata,
@@ -33,12 +36,30 @@ import { fillUniform, normalizeSeed, splitmix64, toU64 } from "./initialInput";
 import { writeSafetensors, type TensorToWrite } from "./safetensors";
 import { writeGguf, type GgufTensorToWrite } from "./ggufWriter";
 import type { GgufValue } from "./gguf";
-import { encodedBytes, encodeGgml, QK4_0, type GgmlComputeType } from "./quantize";
+import { ggmlNbytes, ggmlType } from "./ggmlTypes";
+import { encodeFloats as encodeFloatValues } from "./half";
+import { loadAddon } from "../native/addon";
 
 /** Float weight types, written in either format (the CLI spelling). */
 export const GEN_MODEL_FLOAT_DTYPES = ["f32", "f16", "bf16"] as const;
-/** ggml quantized types, written in GGUF only. */
-export const GEN_MODEL_QUANT_DTYPES = ["q8_0", "q4_0"] as const;
+/**
+ * ggml quantized types, written in GGUF only: every type ggml's CPU backend multiplies with that
+ * its quantizer makes without an importance matrix.
+ */
+export const GEN_MODEL_QUANT_DTYPES = [
+  "q8_0",
+  "q4_0",
+  "q4_1",
+  "q5_0",
+  "q5_1",
+  "q2_K",
+  "q3_K",
+  "q4_K",
+  "q5_K",
+  "q6_K",
+  "iq4_nl",
+  "iq4_xs",
+] as const;
 /** Every weight type gen-model writes. */
 export const GEN_MODEL_DTYPES = [...GEN_MODEL_FLOAT_DTYPES, ...GEN_MODEL_QUANT_DTYPES] as const;
 export type GenModelDtype = (typeof GEN_MODEL_DTYPES)[number];
@@ -67,17 +88,25 @@ export function formatFromPath(path: string): GenModelFormat {
 
 /**
  * The ggml type a tensor of a `dtype` model is stored as: the dtype itself for f32/f16/bf16; for
- * q8_0/q4_0, the dtype for 2-D weight matrices whose rows are whole 32-element blocks, f16 for
+ * a quantized dtype, the dtype for 2-D weight matrices whose rows are whole blocks of it, f16 for
  * other matrices (rows that cannot be split into blocks), and f32 for 1-D tensors (norm weights,
  * biases).
  */
 export function genModelTensorType(
   spec: Pick<DitTensorSpec, "name" | "shape">,
   dtype: GenModelDtype,
-): GgmlComputeType {
+): string {
   if (!isQuantDtype(dtype)) return dtype;
   if (spec.shape.length !== 2) return "f32";
-  return spec.shape[1]! % QK4_0 === 0 ? dtype : "f16";
+  return spec.shape[1]! % ggmlType(dtype).blockSize === 0 ? dtype : "f16";
+}
+
+/** A chunk of float32 values (whole rows of `rowLength`) as ggml `type` bytes. */
+function encodeAs(type: string, values: Float32Array, rowLength: number, out: Uint8Array) {
+  if (type === "f32" || type === "f16" || type === "bf16") {
+    return encodeFloatValues(values, SAFETENSORS_DTYPE[type], out);
+  }
+  return loadAddon().quantize(type, values, rowLength);
 }
 
 export interface GenModelOptions {
@@ -177,23 +206,30 @@ function* tensorChunks(
   encoded: Uint8Array,
 ): Generator<Uint8Array> {
   const count = spec.shape.reduce((a, b) => a * b, 1);
-  // CHUNK_ELEMENTS is a multiple of the 32-element block, so every chunk is whole blocks.
-  for (let start = 0; start < count; start += CHUNK_ELEMENTS) {
-    const n = Math.min(CHUNK_ELEMENTS, count - start);
+  // Chunks are whole rows, so every chunk is whole blocks of any type (blocks never cross rows).
+  const row = spec.shape[spec.shape.length - 1]!;
+  const rows = row > CHUNK_ELEMENTS ? row : CHUNK_ELEMENTS - (CHUNK_ELEMENTS % row);
+  for (let start = 0; start < count; start += rows) {
+    const n = Math.min(rows, count - start);
     const chunk = values.subarray(0, n);
     generateTensorValues(seed, spec, start, chunk);
     yield encode(chunk, encoded);
   }
 }
 
-/** One pair of chunk buffers for a whole model; the writer consumes a chunk before asking for the next. */
-function chunkBuffers(): () => { values: Float32Array; encoded: Uint8Array } {
+/**
+ * One pair of chunk buffers for a whole model (grown for a row longer than a chunk); the writer
+ * consumes a chunk before asking for the next.
+ */
+function chunkBuffers(): (spec: DitTensorSpec) => { values: Float32Array; encoded: Uint8Array } {
   let buffers: { values: Float32Array; encoded: Uint8Array } | undefined;
-  return () =>
-    (buffers ??= {
-      values: new Float32Array(CHUNK_ELEMENTS),
-      encoded: new Uint8Array(CHUNK_ELEMENTS * 4),
-    });
+  return (spec) => {
+    const need = Math.max(CHUNK_ELEMENTS, spec.shape[spec.shape.length - 1]!);
+    if (!buffers || buffers.values.length < need) {
+      buffers = { values: new Float32Array(need), encoded: new Uint8Array(need * 4) };
+    }
+    return buffers;
+  };
 }
 
 /** The generated model's tensors, ready for writeSafetensors; data is produced lazily. */
@@ -215,8 +251,14 @@ export function genModelTensors(
     dtype: type,
     shape: spec.shape,
     data: () => {
-      const { values, encoded } = buffers();
-      return tensorChunks(seedValue, spec, (v, out) => encodeFloats(v, type, out), values, encoded);
+      const { values, encoded } = buffers(spec);
+      return tensorChunks(
+        seedValue,
+        spec,
+        (v, out) => encodeFloatValues(v, type, out),
+        values,
+        encoded,
+      );
     },
   }));
 }
@@ -236,8 +278,15 @@ export function genModelGgufTensors(
       type,
       ne: spec.shape.slice().reverse(),
       data: () => {
-        const { values, encoded } = buffers();
-        return tensorChunks(seedValue, spec, (v, out) => encodeGgml(v, type, out), values, encoded);
+        const { values, encoded } = buffers(spec);
+        const row = spec.shape[spec.shape.length - 1]!;
+        return tensorChunks(
+          seedValue,
+          spec,
+          (v, out) => encodeAs(type, v, row, out),
+          values,
+          encoded,
+        );
       },
     };
   });
@@ -322,7 +371,7 @@ export function genModelSize(
     const count = spec.shape.reduce((a, b) => a * b, 1);
     params += count;
     dataBytes += isQuantDtype(dtype)
-      ? encodedBytes(genModelTensorType(spec, dtype), count)
+      ? ggmlNbytes(genModelTensorType(spec, dtype), spec.shape.slice().reverse())
       : count * FLOAT_DTYPE_BYTES[SAFETENSORS_DTYPE[dtype]];
   }
   return { params, dataBytes };

@@ -13,6 +13,12 @@
  *
  * Weights come from safetensors (F32/F16/BF16) or GGUF (f32/f16/bf16/q8_0/q4_0) files; quantized
  * weights are dequantized exactly as ggml does (to float32), then computed with in float64.
+ *
+ * The native layer runs on ggml's CPU backend, whose arithmetic this reference follows where it
+ * departs from plain float math (the rest is float64 here, float32 there):
+ * a matrix product first converts its activations to the weight type's dot-product type:
+ * float16 for f16 weights, bfloat16 for bf16, q8_0 blocks (32 values, scale max|x|/127 stored as
+ * float16, values rounded to nearest-even of x·127/max|x|) for q8_0 and q4_0 weights.
  */
 import { promises as fs } from "node:fs";
 import type { DitConfig } from "./dit";
@@ -24,16 +30,19 @@ import {
   type ModelFormat,
   type ModelTensor,
 } from "./modelFile";
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "./half";
 import { decodeGgml, isGgmlComputeType } from "./quantize";
 import { decodeTensor, isSafetensorsDtype, ModelFormatError } from "./safetensors";
 
 /** Epsilon of every RMSNorm; the kernels use the same (kRmsNormEps). */
 export const RMS_NORM_EPS = 1e-6;
 
-/** A model's weights as float64 values, by tensor name. */
+/** A model's weights as float64 values, by tensor name, and the type each is stored as. */
 export interface DitWeights {
   config: DitConfig;
   tensors: Map<string, Float64Array>;
+  /** Stored type by tensor name ("F32", "f16", "q8_0", …); absent = float32. */
+  types?: Map<string, string>;
 }
 
 export interface LoadDitWeightsOptions {
@@ -92,15 +101,17 @@ export async function loadDitWeights(
     );
   }
   const map = new Map<string, Float64Array>();
+  const types = new Map<string, string>();
   const fh = await fs.open(path, "r");
   try {
     for (const t of tensors) {
       map.set(t.name, decodeStored(header.format, t, await readStored(fh, path, t)));
+      types.set(t.name, t.dtype);
     }
   } finally {
     await fh.close();
   }
-  return { config, tensors: map };
+  return { config, tensors: map, types };
 }
 
 function weight(weights: DitWeights, name: string): Float64Array {
@@ -109,14 +120,65 @@ function weight(weights: DitWeights, name: string): Float64Array {
   return w;
 }
 
-/** y[m, n] = Σ_k x[m, k]·W[n, k] + b[n] for x [rows, k], W [n, k]. */
+/** A matrix weight with the conversion ggml applies to the activations it multiplies. */
+function matrix(weights: DitWeights, name: string): { w: Float64Array; type: string } {
+  return { w: weight(weights, name), type: weights.types?.get(name) ?? "f32" };
+}
+
+const f16Round = (v: number) => f16ToF32(f32ToF16(v));
+const bf16Round = (v: number) => bf16ToF32(f32ToBf16(v));
+
+/** ggml's CPU q8_0 quantization of one row (AVX2 rule), dequantized: the values a q8_0 dot uses. */
+function q8Round(row: Float64Array): Float64Array {
+  const out = new Float64Array(row.length);
+  for (let b = 0; b < row.length; b += 32) {
+    let max = 0;
+    for (let i = b; i < b + 32; i++) max = Math.max(max, Math.abs(Math.fround(row[i]!)));
+    const d = f16Round(Math.fround(max / 127));
+    const id = max !== 0 ? Math.fround(127 / max) : 0;
+    for (let i = b; i < b + 32; i++) {
+      const q = roundHalfEven(Math.fround(Math.fround(row[i]!) * id));
+      out[i] = q * d;
+    }
+  }
+  return out;
+}
+
+function roundHalfEven(v: number): number {
+  const r = Math.round(v);
+  return Math.abs(v - Math.trunc(v)) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** The activation row as ggml's matmul sees it for a weight stored as `type`. */
+export function matmulActivations(type: string, row: Float64Array): Float64Array {
+  switch (type.toLowerCase()) {
+    case "f32":
+      return row; // float32 activations times float32 weights: float64 here is the exact math
+    case "f16":
+      return row.map(f16Round);
+    case "bf16":
+      return row.map(bf16Round);
+    case "q8_0":
+    case "q4_0":
+      return q8Round(row);
+    default:
+      throw new ModelFormatError(`reference: no ggml activation rule for weights of type ${type}`);
+  }
+}
+
+/**
+ * y[m, n] = Σ_k a(x[m, ·])[k]·W[n, k] + b[n] for x [rows, k], W [n, k], where a() converts the
+ * activations as ggml does for the weight's type (matmulActivations; f32 when not given).
+ */
 export function linear(
   x: Float64Array,
   rows: number,
-  w: Float64Array,
+  w: Float64Array | { w: Float64Array; type: string },
   b: Float64Array | undefined,
   outFeatures: number,
 ): Float64Array {
+  const type = w instanceof Float64Array ? "f32" : w.type;
+  if (!(w instanceof Float64Array)) w = w.w;
   const inFeatures = x.length / rows;
   if (w.length !== outFeatures * inFeatures) {
     throw new RangeError(
@@ -126,10 +188,12 @@ export function linear(
   const y = new Float64Array(rows * outFeatures);
   for (let m = 0; m < rows; m++) {
     const xo = m * inFeatures;
+    const row = matmulActivations(type, x.subarray(xo, xo + inFeatures));
     for (let n = 0; n < outFeatures; n++) {
       const wo = n * inFeatures;
-      let acc = b ? b[n]! : 0;
-      for (let k = 0; k < inFeatures; k++) acc += x[xo + k]! * w[wo + k]!;
+      let acc = 0;
+      for (let k = 0; k < inFeatures; k++) acc += row[k]! * w[wo + k]!;
+      if (b) acc += b[n]!;
       y[m * outFeatures + n] = acc;
     }
   }
@@ -223,7 +287,7 @@ export function blockForward(
   const qkv = linear(
     h1,
     m,
-    weight(weights, `${p}attn.qkv.weight`),
+    matrix(weights, `${p}attn.qkv.weight`),
     weight(weights, `${p}attn.qkv.bias`),
     3 * d,
   );
@@ -231,7 +295,7 @@ export function blockForward(
   const proj = linear(
     att,
     m,
-    weight(weights, `${p}attn.out.weight`),
+    matrix(weights, `${p}attn.out.weight`),
     weight(weights, `${p}attn.out.bias`),
     d,
   );
@@ -240,7 +304,7 @@ export function blockForward(
   const hidden = linear(
     h2,
     m,
-    weight(weights, `${p}mlp.fc1.weight`),
+    matrix(weights, `${p}mlp.fc1.weight`),
     weight(weights, `${p}mlp.fc1.bias`),
     4 * d,
   );
@@ -248,7 +312,7 @@ export function blockForward(
   const mlp = linear(
     hidden,
     m,
-    weight(weights, `${p}mlp.fc2.weight`),
+    matrix(weights, `${p}mlp.fc2.weight`),
     weight(weights, `${p}mlp.fc2.bias`),
     d,
   );
@@ -269,10 +333,10 @@ export function ditForward(
       `ditForward: input has ${z.length} values, expected ${batch}×${tokens}×${c}`,
     );
   }
-  const x = linear(z, m, weight(weights, "embed.weight"), weight(weights, "embed.bias"), d);
+  const x = linear(z, m, matrix(weights, "embed.weight"), weight(weights, "embed.bias"), d);
   for (let i = 0; i < blocks; i++) blockForward(weights, i, x, batch, tokens);
   const h = rmsnorm(x, d, weight(weights, "final.norm.weight"));
-  return linear(h, m, weight(weights, "final.out.weight"), weight(weights, "final.out.bias"), c);
+  return linear(h, m, matrix(weights, "final.out.weight"), weight(weights, "final.out.bias"), c);
 }
 
 /** S sampler steps in float64: z ← z − (1/S)·model(z). Returns a new array. */

@@ -1,15 +1,15 @@
 /**
- * A DiT model file reduced to what the planner needs — its base segments and their footprints —
- * from the file's header alone (GGUF or safetensors), so a model far larger than memory is
- * planned in milliseconds.
+ * A model file reduced to what the planner needs — its base segments and their footprints — from
+ * the file's header (read here, in TypeScript) and the architecture's real graphs (built and
+ * measured by the native addon without weights: ggml_gallocr's compute buffers, the activations
+ * each segment reads and writes, FLOPs counted from the graph). A model far larger than memory is
+ * planned in milliseconds, with the compute buffers the executor will really allocate.
  */
 import { basename } from "node:path";
-import { ditSegmentNames, baseSegmentOf } from "./dit";
-import { segmentFootprint } from "./footprint";
+import { loadAddon, mapNativeError } from "../native/addon";
+import { ditSegmentNames, baseSegmentOf, type DitConfig } from "./dit";
 import { checkDitModelTensors, readModelHeader, requireDitConfig } from "./modelFile";
 import type { BaseSegment, ModelProfile } from "./profile";
-
-export { segmentFootprint, type DitFootprint, type SegmentFootprint } from "./footprint";
 
 export interface ModelProfileOptions {
   /** Samples per step (B). */
@@ -19,10 +19,44 @@ export interface ModelProfileOptions {
 }
 
 /**
+ * Footprints of a DiT's base segments for a job of `batch` × `tokens`, without a file: each base
+ * segment's graph measured by the native addon (`param_bytes` is 0 — it depends on the stored
+ * types).
+ */
+export async function ditFootprints(
+  config: DitConfig,
+  options: ModelProfileOptions,
+): Promise<BaseSegment[]> {
+  for (const [label, value] of [
+    ["batch", options.batch],
+    ["tokens", options.tokens],
+  ] as const) {
+    if (!Number.isSafeInteger(value) || value <= 0) {
+      throw new RangeError(`${label} must be a positive integer (got ${value})`);
+    }
+  }
+  const measured = await loadAddon()
+    .measureSegments("ferry-dit", { ...config }, { batch: options.batch, tokens: options.tokens })
+    .catch((error: unknown) => {
+      throw mapNativeError(error);
+    });
+  return measured.map((m) => ({
+    name: m.name,
+    param_bytes: 0,
+    compute_buffer_bytes: m.computeBufferBytes,
+    output_bytes: m.outputBytes,
+    prev_cut_bytes: m.prevCutBytes,
+    external_bytes: m.externalBytes,
+    flops: m.flops,
+  }));
+}
+
+/**
  * Base segments (prelude, blocks.0 …, final) of a DiT file (GGUF or safetensors) for a job of
- * `batch` × `tokens`: param_bytes are the tensors' bytes as stored (quantized bytes for q8_0 /
- * q4_0, ggml_nbytes); the rest is segmentFootprint. The header's tensors must be exactly the DiT
- * layout its metadata declares, else a ModelFormatError naming the tensor.
+ * `batch` × `tokens`: param_bytes are the tensors' bytes as stored (ggml_nbytes, quantized bytes
+ * for quantized types); the rest is measured on the segments' graphs (ditFootprints). The header's
+ * tensors must be exactly the DiT layout its metadata declares, else a ModelFormatError naming
+ * the tensor.
  */
 export async function modelProfileFromFile(
   path: string,
@@ -31,16 +65,16 @@ export async function modelProfileFromFile(
   const header = await readModelHeader(path);
   const config = requireDitConfig(header);
   const tensors = checkDitModelTensors(header, config);
-  const footprint = segmentFootprint(config, options.batch, options.tokens);
   const paramBytes = new Map<string, number>();
   for (const t of tensors) {
     const segment = baseSegmentOf(t.name)!; // checkDitTensors admits only layout names
     paramBytes.set(segment, (paramBytes.get(segment) ?? 0) + t.bytes);
   }
-  const segments: BaseSegment[] = ditSegmentNames(config).map((name) => {
-    const shape =
-      name === "prelude" ? footprint.prelude : name === "final" ? footprint.final : footprint.block;
-    return { name, param_bytes: paramBytes.get(name) ?? 0, ...shape };
-  });
+  const footprints = await ditFootprints(config, options);
+  const names = ditSegmentNames(config);
+  if (footprints.map((s) => s.name).join() !== names.join()) {
+    throw new Error(`${path}: the native architecture's segments differ from the file layout's`);
+  }
+  const segments = footprints.map((s) => ({ ...s, param_bytes: paramBytes.get(s.name) ?? 0 }));
   return { name: basename(path), segments };
 }

@@ -4,6 +4,7 @@ import { planFerry } from "./ferryPolicy";
 import { lowerBound, memoryCap } from "./lowerBound";
 import { parseDeviceProfile, parseModelProfile } from "./profileFile";
 import { planSdcpp } from "./sdcpp";
+import { executionOf } from "./execution";
 import { simulatePlan } from "./simulate";
 import { PlanError, type Plan, type PlanOptions, type PolicyName } from "./types";
 
@@ -12,6 +13,11 @@ type Policy = (model: ModelProfile, device: DeviceProfile, options: PlanOptions)
 /** Every planning policy by name. A new policy registers here and reuses budget.ts. */
 const POLICIES: Record<PolicyName, Policy> = {
   sdcpp: planSdcpp,
+  // sd.cpp's prefetch PR changed execution only: merging and the resident prefix are as before.
+  "sdcpp-prefetch": (model, device, options) => ({
+    ...planSdcpp(model, device, options),
+    policy: "sdcpp-prefetch",
+  }),
   ferry: planFerry,
 };
 
@@ -26,8 +32,9 @@ export function isPolicyName(name: string): name is PolicyName {
  * Plans which merged segments of a model stay resident on a device and which are streamed each
  * step. The profiles are validated first (a NaN or negative size fails naming the field), then
  * the policy named in `options` makes the plan. Every plan leaves with `slots`, `predicted_step_s`
- * and `lower_bound_s`: a policy that does not set them (sdcpp) is priced here on the same
- * simulator as the `ferry` policy (serial execution, slots 0), so the two compare directly.
+ * and `lower_bound_s`: a policy that does not set them (sdcpp, sdcpp-prefetch) is priced here on
+ * the same simulator as the `ferry` policy (slots 0, serial or with lookahead), so they compare
+ * directly.
  * @throws PlanError for an unknown policy, a bad profile, or a model the budget cannot hold.
  */
 export function planJob(model: ModelProfile, device: DeviceProfile, options: PlanOptions): Plan {
@@ -68,7 +75,10 @@ function withPrediction(
   return {
     ...plan,
     slots,
-    predicted_step_s: plan.predicted_step_s ?? simulatePlan({ ...plan, slots }, cost).step_s,
+    predicted_step_s:
+      plan.predicted_step_s ??
+      simulatePlan({ ...plan, slots }, cost, { lookahead: executionOf(plan) === "lookahead" })
+        .step_s,
     lower_bound_s:
       plan.lower_bound_s ??
       lowerBound(cost, memoryCap(device, options), options.stream && !noSplit).lower_bound_s,

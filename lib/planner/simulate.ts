@@ -12,6 +12,9 @@
  *   finished. So step t+1's first copies run during step t's last computes whenever slots allow.
  * - `slots = 0` (sd.cpp): serial. Per streamed segment: copy (synchronous), then compute; nothing
  *   overlaps.
+ * - `slots = 0` with `lookahead` (sd.cpp since PR #1905): as serial, but just before a segment
+ *   computes, the next segment of the same step that needs a copy has it queued (into a fresh
+ *   buffer); that copy overlaps this compute. No lookahead across the step boundary.
  * - Step 0 is the cold step: resident segments are uploaded once (in order, on the copy engine,
  *   without a slot) and every first copy runs at the cold rate (lazy disk loads when modelled).
  *
@@ -70,6 +73,8 @@ export interface SimulationResult {
 export interface SimulationOptions {
   /** Staging slots; 0 = serial execution without overlap (sd.cpp). */
   slots: number;
+  /** With slots 0: one segment of copy lookahead within a step (sd.cpp PR #1905). @default false */
+  lookahead?: boolean;
   /** Record per-segment timings of the last step. @default false */
   detail?: boolean;
   /** Fewest steps to simulate, the cold one included. @default DEFAULT_MIN_STEPS */
@@ -141,6 +146,7 @@ export function simulateArrays(
   if (!Number.isInteger(slots) || slots < 0) {
     throw new RangeError(`slots must be a whole number ≥ 0 (got ${slots})`);
   }
+  const lookahead = slots === 0 && (options.lookahead ?? false);
   const { copy, firstCopy, compute, streamed } = schedule;
   const count = compute.length;
   let computeWork = 0;
@@ -164,10 +170,17 @@ export function simulateArrays(
   for (let t = 0; t < maxSteps; t++) {
     const cold = t === 0;
     const stepStart = computeFree;
+    let aheadOf = -1; // the segment whose copy the lookahead queued, this step
+    let aheadStart = 0;
+    let aheadReady = 0;
     for (let m = 0; m < count; m++) {
       let ready = 0;
       let copyStart = -1;
-      if (streamed[m] || cold) {
+      if (aheadOf === m) {
+        copyStart = aheadStart;
+        ready = aheadReady;
+        aheadOf = -1;
+      } else if (streamed[m] || cold) {
         // Serial execution copies only after everything before it has computed.
         let start = slots === 0 ? Math.max(copyFree, computeFree) : copyFree;
         if (streamed[m] && slots > 0) start = Math.max(start, slotFree[g % slots]);
@@ -176,6 +189,17 @@ export function simulateArrays(
         copyFree = ready;
       }
       const computeStart = Math.max(computeFree, ready);
+      if (lookahead) {
+        // Queued just before this compute: the next segment of the step that needs a copy.
+        for (let n = m + 1; n < count; n++) {
+          if (!streamed[n] && !cold) continue;
+          aheadOf = n;
+          aheadStart = Math.max(copyFree, computeStart);
+          aheadReady = aheadStart + (cold ? firstCopy[n] : copy[n]);
+          copyFree = aheadReady;
+          break;
+        }
+      }
       const stall = computeStart - computeFree;
       computeFree = computeStart + compute[m];
       if (streamed[m]) {

@@ -4,10 +4,12 @@ import type { CostModelOptions } from "./costModel";
 export type { BaseSegment, DeviceProfile, ModelProfile };
 
 /**
- * `sdcpp`: stable-diffusion.cpp's constants, reproduced as the baseline (sdcpp.ts).
- * `ferry`: plans from a cost model of copies vs compute (ferryPolicy.ts).
+ * `sdcpp`: stable-diffusion.cpp's constants and serial execution, reproduced as the baseline
+ * (sdcpp.ts). `sdcpp-prefetch`: the same plan run as sd.cpp runs it since PR #1905 (Sep 2026), one
+ * segment of copy lookahead within a step (execution.ts). `ferry`: plans from a cost model of
+ * copies vs compute (ferryPolicy.ts).
  */
-export type PolicyName = "sdcpp" | "ferry";
+export type PolicyName = "sdcpp" | "sdcpp-prefetch" | "ferry";
 
 export interface PlanOptions {
   /** Planning policy. @default "sdcpp" */

@@ -16,22 +16,26 @@ import { ferryVersion } from "../../lib/packageInfo";
 import { contextFromTraceparent } from "../../lib/telemetry/tracing";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
 import { statusName, toStatusError } from "../../lib/wire/statusError";
-import { loadAddon, mapNativeError } from "./native/addon";
+import { loadAddon, mapNativeError } from "../../lib/native/addon";
 import type {
   NativeCpuDeviceInfo,
-  NativeCudaDeviceInfo,
+  NativeGpuDeviceInfo,
   NativeDevice,
   NativeModel,
   NativeRun,
   NativeStepReport,
-} from "./native/AddonTypes";
+} from "../../lib/native/AddonTypes";
+import { executionOf } from "../../lib/planner/execution";
 import { probeCompute, type ComputeProbe } from "./probe";
 import { recordStepSpans } from "./stepSpans";
 
 export interface ExecutorOptions {
   /** The scheduler's HOST:PORT. */
   scheduler: string;
-  /** Device kind. Only "cpu" runs everywhere. @default "cpu" */
+  /**
+   * Device kind: "cpu" (ggml's CPU backend, memory capped at `vramBytes`) runs everywhere; "cuda"
+   * is ggml's CUDA backend (a build with FERRY_CUDA=1 on a machine with a GPU). @default "cpu"
+   */
   device?: "cpu" | "cuda";
   /** Device memory (the CPU device's arena capacity), bytes. */
   vramBytes: number;
@@ -89,7 +93,7 @@ function jobOption<T extends string>(
 export class Executor {
   readonly id: string;
   private readonly addon = loadAddon();
-  private readonly device: NativeDevice<NativeCpuDeviceInfo | NativeCudaDeviceInfo>;
+  private readonly device: NativeDevice<NativeCpuDeviceInfo | NativeGpuDeviceInfo>;
   private readonly client: SchedulerServiceClient;
   private readonly log: (line: string) => void;
   private readonly warm = new Map<string, WarmModel>();
@@ -108,12 +112,12 @@ export class Executor {
     this.log = options.log ?? ((line) => console.error(line));
     this.id = options.id ?? `${hostname()}-${randomUUID().slice(0, 6)}`;
     if (options.device === "cuda") {
-      if (!this.addon.cudaAvailable()) {
+      if (this.addon.gpuDeviceCount() === 0) {
         throw new Error(
-          "--device cuda: no CUDA GPU is available on this machine (or in this build)",
+          "--device cuda: no GPU is available to this build on this machine (build with FERRY_CUDA=1 where the CUDA toolkit and cuBLAS are installed)",
         );
       }
-      this.device = new this.addon.CudaDevice({ capacityBytes: options.vramBytes });
+      this.device = new this.addon.GpuDevice({ capacityBytes: options.vramBytes });
     } else {
       this.device = new this.addon.CpuDevice({
         capacityBytes: options.vramBytes,
@@ -245,9 +249,13 @@ export class Executor {
       cached.model.dispose();
       this.warm.delete(path);
     }
-    const model = await this.addon.openModel(path).catch((error: unknown) => {
-      throw mapNativeError(error);
-    });
+    // Laid out for this device's memory (a GPU pads quantized rows), so a segment's host bytes
+    // copy to a staging slot as they are.
+    const model = await this.addon
+      .openModel(path, { device: this.device })
+      .catch((error: unknown) => {
+        throw mapNativeError(error);
+      });
     this.warm.set(path, { model, mtimeMs: info.mtimeMs, size: info.size });
     const limit = this.options.maxWarmModels ?? 2;
     for (const [oldPath, old] of this.warm) {
@@ -302,8 +310,8 @@ export class Executor {
             firstBase: segment.firstBase,
             lastBase: segment.lastBase,
             resident: segment.resident,
-            computeBufferBytes: segment.computeBufferBytes,
           })),
+          execution: executionOf(plan),
           slots: plan.slots,
           paramsBackend: jobOption(
             "params backend",

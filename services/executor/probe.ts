@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { genModel } from "../../lib/model/genModel";
 import { modelProfileFromFile } from "../../lib/model/segments";
 import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
-import type { NativeAddon, NativeDevice, NativeDeviceInfoBase } from "./native/AddonTypes";
+import type { NativeAddon, NativeDevice, NativeDeviceInfoBase } from "../../lib/native/AddonTypes";
 
 export interface ComputeProbe {
   /** Measured compute rate, TFLOP/s. */
@@ -47,7 +47,6 @@ export async function probeCompute(
             firstBase: index,
             lastBase: index,
             resident: true,
-            computeBufferBytes: segment.compute_buffer_bytes,
           })),
           slots: 0,
         },

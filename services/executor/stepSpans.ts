@@ -1,6 +1,6 @@
 import { trace, type Context } from "@opentelemetry/api";
 import { ferryTracer } from "../../lib/telemetry/tracing";
-import type { NativeStepReport } from "./native/AddonTypes";
+import type { NativeStepReport } from "../../lib/native/AddonTypes";
 
 const usToMs = (us: number) => us / 1000;
 

@@ -24,7 +24,8 @@ struct MemoryStats {
 
 class Arena {
  public:
-  static constexpr size_t kAlignment = 64;
+  static constexpr size_t kAlignment =
+      256;  // every ggml backend's tensor alignment (CUDA 128) and then some
 
   // Reserves address space only (pages are committed when first written), so a large budget
   // costs nothing until used. `owner` names the device in error messages.
@@ -45,6 +46,9 @@ class Arena {
   bool release(void* ptr) noexcept;
 
   size_t capacity() const { return capacity_; }
+  // The region's first byte (kAlignment-aligned) and its usable size (capacity rounded down).
+  void* base() const { return base_; }
+  size_t usable() const { return usable_; }
   size_t free_bytes() const;
   MemoryStats stats() const;
   // Starts a new window for window_peak_bytes (the runner opens one per step).

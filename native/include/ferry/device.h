@@ -1,14 +1,22 @@
 #pragma once
-// The device interface, in the spirit of ggml-backend: a device owns memory (device buffers and
-// pinned host buffers), a copy stream that moves bytes asynchronously and signals events, a
-// compute stream the model's operations are queued on, and a residency cache of weights kept on
-// the device between jobs. The runner is written against this interface only, so the CUDA device
-// (cudaMalloc arena, cudaMemcpyAsync on a copy stream, cudaEvent, CUDA kernels / cuBLAS) and the
-// CPU reference device are interchangeable.
+// A device: a ggml backend that computes, the device memory it computes in — held under a budget —
+// a copy stream that moves weights host→device while the backend computes, and a residency cache
+// of weights kept on the device between jobs. The runner is written against this interface only;
+// device code knows no model.
 //
-// Optional operations have a synchronous fallback in this base class (Stream::wait_event blocks
-// the caller; Device::checksum reads device memory as host memory), so a device only overrides
-// what it can do better.
+// Memory. All of a device's memory is one ggml buffer of the budget's size (the CPU device: a
+// CPU buffer over Ferry's arena region; a GPU: one allocation in the backend's own buffer type),
+// carved by Ferry's Arena (first fit, refuses past capacity, counts allocations and peaks). Weights
+// and job activations are placed in pieces of it with place(); graph intermediates come from
+// ggml_gallocr through scratch_buffer_type(), a ggml buffer type whose buffers are pieces of the
+// same arena — so everything a job touches on the device is inside the budget.
+//
+// Copies and compute. copy_stream() queues host→device transfers and signals events with real
+// timestamps; compute() runs a graph on the backend. The CPU backend has no streams of its own:
+// its copy stream is a thread (with an optional emulated link rate) and compute() runs on the
+// caller's thread. A GPU backend copies with ggml_backend_tensor_set_async on a second backend
+// instance (its own stream), ordered against compute with ggml_backend_event_record/wait, so
+// neither side blocks the host.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -18,12 +26,13 @@
 #include <unordered_map>
 
 #include "ferry/arena.h"
-#include "ferry/kernels.h"
+#include "ggml-backend.h"
+#include "ggml.h"
 
 namespace ferry {
 
-enum class DeviceKind : uint8_t { kCpu, kCuda };
-const char* device_kind_name(DeviceKind kind);
+enum class DeviceKind : uint8_t { kCpu, kGpu };
+const char* device_kind_name(DeviceKind kind);  // "cpu", "gpu"
 
 // Completion of work queued on a stream.
 class Event {
@@ -40,14 +49,14 @@ class Event {
 };
 using EventPtr = std::shared_ptr<Event>;
 
-// One piece of a batched copy. Either side may be host or device memory.
+// One piece of a batched copy: host memory → device memory (a place inside Device::memory()).
 struct CopyRegion {
   void* dst = nullptr;
   const void* src = nullptr;
   size_t bytes = 0;
 };
 
-// An in-order queue of asynchronous operations (a CUDA stream; the CPU device's copy thread).
+// An in-order queue of host→device transfers.
 class Stream {
  public:
   virtual ~Stream() = default;
@@ -60,15 +69,15 @@ class Stream {
   }
   // An event that is ready once everything queued before it has finished.
   virtual EventPtr record() = 0;
-  // Work queued on this stream after this call starts only once `event` is ready (CUDA:
-  // cudaStreamWaitEvent). The fallback blocks the caller until then, which orders the work too.
-  virtual void wait_event(const EventPtr& event) { event->wait(); }
+  // Transfers queued after this call start only once `event` (e.g. the compute that last read a
+  // staging slot) is ready. A GPU stream waits on the device; the CPU copy thread in turn.
+  virtual void wait_event(const EventPtr& event) = 0;
   void synchronize() { record()->wait(); }
 };
 
 class Device;
 
-// An owned block of device memory; returns itself to its device when destroyed.
+// A piece of a device's memory; returns itself to the device's arena when destroyed.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
@@ -80,6 +89,8 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
+  // A device address (on a GPU not dereferenceable by the host): use it with Device::place and
+  // as a CopyRegion destination.
   void* data() const { return data_; }
   size_t size() const { return size_; }
   explicit operator bool() const { return data_ != nullptr; }
@@ -91,12 +102,13 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
-// An owned block of host memory the device copies from at full speed (CUDA: page-locked by
-// cudaHostAlloc; CPU: 64-byte aligned). Returns itself to its device when destroyed.
+// Host memory the copy engine reads at full speed (a GPU: page-locked, from the backend's host
+// buffer type; the CPU: page-aligned). Returns itself to its device when destroyed.
 class HostBuffer {
  public:
   HostBuffer() = default;
-  HostBuffer(Device* device, void* data, size_t size) : device_(device), data_(data), size_(size) {}
+  HostBuffer(Device* device, void* data, size_t size, void* handle)
+      : device_(device), data_(data), size_(size), handle_(handle) {}
   ~HostBuffer() { reset(); }
   HostBuffer(HostBuffer&& other) noexcept { *this = std::move(other); }
   HostBuffer& operator=(HostBuffer&& other) noexcept;
@@ -112,6 +124,7 @@ class HostBuffer {
   Device* device_ = nullptr;
   void* data_ = nullptr;
   size_t size_ = 0;
+  void* handle_ = nullptr;  // the device's own bookkeeping (a ggml host buffer)
 };
 
 // Weights kept on a device after the job that uploaded them, so the next job with the same model
@@ -159,44 +172,60 @@ class ResidencyCache {
 
 class Device {
  public:
-  virtual ~Device() = default;
+  virtual ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
 
-  virtual const std::string& name() const = 0;
+  const std::string& name() const { return name_; }
   virtual DeviceKind kind() const = 0;
-  virtual size_t total_bytes() const = 0;
+  // ggml's name of the backend ("CPU", "CUDA0").
+  std::string backend_name() const;
+
+  size_t total_bytes() const { return arena_->capacity(); }
   // Device memory not allocated to anything (weights in the residency cache count as used).
-  virtual size_t free_bytes() const = 0;
+  size_t free_bytes() const { return arena_->free_bytes(); }
   // What a new job can have: free memory plus cached weights no job holds (evicted on demand).
   size_t available_bytes() const { return free_bytes() + residency_.evictable_bytes(); }
-  virtual MemoryStats memory_stats() const = 0;
-  virtual void reset_window_peak() = 0;
+  MemoryStats memory_stats() const { return arena_->stats(); }
+  void reset_window_peak() { arena_->reset_window_peak(); }
 
-  // Device memory; throws DeviceOutOfMemoryError when it does not fit.
-  DeviceBuffer alloc(size_t bytes) { return DeviceBuffer(this, alloc_raw(bytes), bytes); }
-  // Host memory the copy engine reads at full speed (pinned).
-  HostBuffer alloc_host(size_t bytes) { return HostBuffer(this, alloc_host_raw(bytes), bytes); }
+  // ---- ggml ----
+  ggml_backend_t backend() const { return backend_; }
+  // All of the device's memory: one ggml buffer; every tensor a job uses lives inside it.
+  ggml_backend_buffer_t memory() const { return memory_; }
+  // For ggml_gallocr: a buffer type whose buffers are pieces of this device's arena.
+  ggml_backend_buffer_type_t scratch_buffer_type() const { return scratch_buft_; }
+  // Alignment of tensors in memory(), and the bytes `tensor` takes there (padding quantized rows
+  // where the backend's kernels read past the end, e.g. CUDA).
+  size_t tensor_alignment() const;
+  size_t tensor_alloc_size(const ggml_tensor* tensor) const;
 
-  // The stream host↔device copies run on, concurrently with compute.
+  // A piece of device memory; DeviceOutOfMemoryError when it does not fit.
+  DeviceBuffer alloc(size_t bytes);
+  // Points `tensor` at device address `addr` (inside memory(); a DeviceBuffer's data() plus an
+  // offset). A weight's tensor is placed again whenever its segment moves to another slot;
+  // InvalidArgumentError if it would not lie inside device memory.
+  void place(ggml_tensor* tensor, void* addr);
+
+  // Host memory the copy engine reads at full speed (pinned on a GPU).
+  HostBuffer alloc_host(size_t bytes);
+
+  // The stream host→device copies run on, concurrently with compute.
   virtual Stream& copy_stream() = 0;
-  // The stream the model's operations below are queued on, in order. A device may run them
-  // asynchronously: they are done once compute_stream().synchronize() returns (the CPU device
-  // runs them on the calling thread, so they are done when they return).
-  virtual Stream& compute_stream() = 0;
-  void wait(const EventPtr& event) { event->wait(); }
-
-  // The model's operations on device memory (see kernels.h), queued on the compute stream.
-  virtual void prelude_forward(const DitDims& dims, const PreludeWeights& w, const float* z,
-                               float* x, void* scratch) = 0;
-  virtual void block_forward(const DitDims& dims, const BlockWeights& w, float* x,
-                             void* scratch) = 0;
-  virtual void final_forward(const DitDims& dims, const FinalWeights& w, const float* x, float* y,
-                             void* scratch) = 0;
-  // The sampler's update z[i] ← z[i] − dt·y[i], in float32.
-  virtual void euler_update(float* z, const float* y, size_t n, float dt) = 0;
-
-  // checksum64 (checksum.h) of `bytes` of device memory, after everything queued so far on the
-  // copy stream. Used to verify transfers. The fallback reads device memory as host memory.
-  virtual uint64_t checksum(const void* device_data, size_t bytes);
+  // Computes `graph` (its tensors placed in memory(), intermediates allocated) on the backend,
+  // after everything queued before on the compute side. Returns an event for its completion,
+  // with the compute's start and end times. The CPU device computes on the calling thread and
+  // returns a completed event; a GPU queues the work.
+  virtual EventPtr compute(ggml_cgraph* graph) = 0;
+  // Compute queued after this call starts only once `event` (a copy) is ready; the CPU device
+  // blocks the caller until then.
+  virtual void compute_wait(const EventPtr& event) = 0;
+  // Small synchronous transfers between the host and a tensor in device memory (job inputs and
+  // outputs, the checksum of a copy), after everything queued on the compute side.
+  virtual void tensor_set(ggml_tensor* tensor, const void* data, size_t offset, size_t bytes);
+  virtual void tensor_get(const ggml_tensor* tensor, void* data, size_t offset, size_t bytes);
+  // Reads `bytes` of device memory at `addr` into `dst` (after every copy queued so far).
+  void read(const void* addr, void* dst, size_t bytes);
 
   // Measures the copy stream's host→device rate (GB/s, 10^9 bytes/s) with a few copies of up to
   // `bytes` from pinned host memory into device memory, and remembers it as peak_copy_gbps().
@@ -209,25 +238,31 @@ class Device {
   ResidencyCache& residency() { return residency_; }
   const ResidencyCache& residency() const { return residency_; }
 
-  // One job at a time: the runner's streams, buffers and kernel threads are not shared.
+  // One job at a time: the runner's streams, buffers and threads are not shared.
   bool try_begin_job() { return !busy_.exchange(true); }
   void end_job() { busy_.store(false); }
   bool busy() const { return busy_.load(); }
 
  protected:
-  virtual void* alloc_raw(size_t bytes) = 0;
-  virtual void free_raw(void* data) noexcept = 0;
-  // Defaults: 64-byte aligned host memory from the C library.
-  virtual void* alloc_host_raw(size_t bytes);
-  virtual void free_host_raw(void* data) noexcept;
-
-  // Derived destructors call this first: cached weights must go back to the device's allocator
-  // while it still exists (this base class is destroyed after the derived members).
-  void release_residency() noexcept { residency_.clear(); }
+  explicit Device(std::string name);
+  // Derived constructors call this once their backend exists: `memory` (owned from now on)
+  // becomes the device memory and `arena` carves it.
+  void attach(ggml_backend_t backend, ggml_backend_buffer_t memory, std::unique_ptr<Arena> arena);
+  // Host buffers: page-aligned C-library memory by default; a GPU uses its host buffer type.
+  virtual void* alloc_host_raw(size_t bytes, void** handle);
+  virtual void free_host_raw(void* data, void* handle) noexcept;
+  // Derived destructors call this first: the copy engine must be idle and cached weights back in
+  // the arena before the backend and memory go (released by ~Device, after the derived members).
+  void release_memory() noexcept;
 
  private:
   friend class DeviceBuffer;
   friend class HostBuffer;
+  std::string name_;
+  ggml_backend_t backend_ = nullptr;
+  ggml_backend_buffer_t memory_ = nullptr;
+  std::unique_ptr<Arena> arena_;
+  ggml_backend_buffer_type_t scratch_buft_ = nullptr;  // owned (device_memory.cpp)
   std::atomic<bool> busy_{false};
   std::atomic<double> peak_copy_gbps_{0};
   ResidencyCache residency_;

@@ -34,6 +34,8 @@ struct StepReport {
   uint64_t h2d_bytes = 0;
   uint64_t disk_bytes = 0;
   uint64_t arena_peak_bytes = 0;  // device memory high-water mark during this step
+  uint64_t allocations = 0;       // device allocations ever made, counted at the step's end
+  uint64_t host_peak_bytes = 0;   // the most host memory the model's params cache held this step
   // How long the compute engine waited for weights this step: Σ over segments of the gap between
   // the previous compute's end (or the step's start) and this one's start. Serial runs wait for
   // every prepare and copy; an overlapped run only for what its prefetch did not hide.

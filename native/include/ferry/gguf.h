@@ -1,21 +1,18 @@
 #pragma once
-// GGUF v2/v3 reader (ggml's model format, as llama.cpp and Ferry's gen-model write it): the typed
+// GGUF v2/v3 headers (ggml's model format, as llama.cpp and Ferry's gen-model write it): the typed
 // metadata, the tensor infos, `general.alignment` and the data offset — never tensor data, so a
-// multi-GB model is inspected by reading only its first megabytes. Mirrors lib/model/gguf.ts.
+// multi-GB model is inspected by reading only its first megabytes. ggml's own reader
+// (gguf_init_from_callback) parses the file; this header is Ferry's typed view of what it read.
 //
 // Layout (ggml docs/gguf.md), all little-endian:
 //   magic "GGUF" · u32 version (2 or 3) · u64 tensor_count · u64 metadata_kv_count
 //   metadata_kv_count × { string key · u32 value_type · value }
 //   tensor_count × { string name · u32 n_dims · u64 ne[n_dims] · u32 ggml_type · u64 offset }
 //   padding to `general.alignment` (default 32) · tensor data
-// where string = u64 length + UTF-8 bytes and an array value is u32 item_type · u64 count · items.
 // ne is in ggml order (ne[0] innermost), the reverse of the row-major shape.
 //
-// Robustness: every read is bounds-checked against the file size, every count and length is
-// checked against the bytes left in the file before anything is allocated or looped over, the
-// header as a whole is capped, and every problem is a ModelFormatError naming the file, the field
-// (key, tensor) and what is wrong. Nothing else escapes: no std::bad_alloc sized by a corrupt
-// field, no std::out_of_range.
+// Every problem is a ModelFormatError naming the file and, where ggml says, the field (key,
+// tensor) and what is wrong; ggml bounds every count and length by the bytes left in the file.
 #include <cstddef>
 #include <cstdint>
 #include <functional>

@@ -1,41 +1,32 @@
 #pragma once
-// A Ferry DiT model bound to its file — safetensors or GGUF, sniffed from the first bytes — : the
-// base segments (prelude, blocks.0 … blocks.N−1, final) with their tensors, validated against the
-// layout the metadata declares, and the host params cache those segments are streamed from
-// (params_cache.h: the loader, the cpu/disk backends, checksums).
+// A model: a file (safetensors or GGUF, sniffed from its first bytes) bound to its architecture
+// (arch.h): the base segments with their tensors checked against the shapes the architecture
+// expects, each segment's packed layout — the same bytes in host memory and on the device — and
+// the host params cache those segments are streamed from (params_cache.h: the loader, the
+// cpu/disk backends, checksums).
 //
-// Metadata. safetensors: __metadata__ "ferry.arch" = "dit", "ferry.{blocks,hidden,heads,channels}"
-// as decimal strings. GGUF: general.architecture = "ferry-dit" and ferry-dit.{blocks,hidden,
-// heads,channels} as integers (uint32 as gen-model writes them); tensor names as in safetensors,
-// dimensions in ggml order (the binding compares the row-major shape, ne reversed). Weights may be
-// f32, f16, bf16, and in GGUF q8_0 / q4_0 (2-D weights only).
-#include <atomic>
+// Packed layout. A segment's tensors sit back to back in one buffer, each at a multiple of
+// kPackAlignment, taking the bytes the device's buffer type asks for (quantized rows padded where
+// a GPU's kernels read past them; the padding is zero). The layout is computed for one device
+// buffer type (the CPU's by default; the executor's device when it opens the model), so a
+// segment's host buffer is copied to a staging slot as is and its tensors placed at the same
+// offsets there.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-#include "ferry/dtype.h"
-#include "ferry/kernels.h"
+#include "ferry/arch.h"
 #include "ferry/params_cache.h"
 #include "ferry/safetensors.h"
+#include "ggml-backend.h"
 
 namespace ferry {
 
-struct ModelDims {
-  int64_t hidden = 0;    // D
-  int64_t heads = 0;     // H
-  int64_t channels = 0;  // C
-  int64_t blocks = 0;    // N
-};
-
-enum class SegmentKind : uint8_t { kPrelude, kBlock, kFinal };
-
-// Tensors inside a segment's packed buffer start at multiples of this, so every weight is aligned
-// for vector loads on the host and after the copy to the device.
-constexpr size_t kPackAlignment = 64;
+// Tensors inside a segment's packed buffer start at multiples of this: enough for every ggml
+// backend's tensor alignment (CPU 32, CUDA 128) and for vector loads.
+constexpr size_t kPackAlignment = 256;
 inline size_t align_up(size_t n, size_t alignment) {
   return (n + alignment - 1) / alignment * alignment;
 }
@@ -46,22 +37,24 @@ constexpr uint64_t kPackCongruentMinBytes = uint64_t{4} << 20;
 
 struct SegmentTensor {
   std::string name;
-  DType dtype = DType::F32;
-  std::vector<int64_t> shape;  // row-major
+  ggml_type type = GGML_TYPE_F32;
+  int n_dims = 1;
+  int64_t ne[GGML_MAX_DIMS] = {1, 1, 1, 1};
   uint64_t file_offset = 0;    // absolute
-  uint64_t nbytes = 0;
+  uint64_t nbytes = 0;         // ggml_nbytes: the bytes in the file
   uint64_t packed_offset = 0;  // offset inside the segment's packed buffer
+  uint64_t span_bytes = 0;     // bytes it takes there (≥ nbytes; the rest is zero padding)
 };
 
 struct BaseSegment {
-  std::string name;  // "prelude", "blocks.<i>", "final"
-  SegmentKind kind = SegmentKind::kPrelude;
-  std::vector<SegmentTensor> tensors;  // in the order the kernels take them (kernels.h)
+  std::string name;
+  std::string kind;
+  std::vector<SegmentTensor> tensors;  // in the order the architecture builds with
   uint64_t param_bytes = 0;            // Σ nbytes
-  uint64_t packed_bytes = 0;           // size of the packed buffer (with alignment padding)
+  uint64_t packed_bytes = 0;           // the packed buffer's size
 };
 
-class DitModel {
+class Model {
  public:
   // When weights are read (model-level; a job may still ask for its own through the runner).
   enum class Load : uint8_t {
@@ -81,25 +74,30 @@ class DitModel {
     LoaderOptions loader;
     std::shared_ptr<HostAllocator> allocator;  // null: page-aligned C-library memory
     size_t read_ahead = 1;                     // disk backend: prefetched segments held at most
+    // The device buffer type the packed layout is for; null: ggml's CPU buffer type.
+    ggml_backend_buffer_type_t layout = nullptr;
   };
 
   // Opens, parses, validates and binds (lazy loading, default options). IoError /
   // ModelFormatError.
-  static std::shared_ptr<DitModel> open(const std::string& path);
+  static std::shared_ptr<Model> open(const std::string& path);
   // The same with `options` applied; kEager also reads every segment before returning (and
   // throws what the reads throw), kBackground starts the background reader (cyclic with the disk
   // backend, so later steps find segments read ahead too).
-  static std::shared_ptr<DitModel> open(const std::string& path, const Options& options);
-  explicit DitModel(std::unique_ptr<ModelFile> file, const LoaderOptions& loader = {});
-  ~DitModel();
-  DitModel(const DitModel&) = delete;
-  DitModel& operator=(const DitModel&) = delete;
+  static std::shared_ptr<Model> open(const std::string& path, const Options& options);
+  Model(std::unique_ptr<ModelFile> file, const LoaderOptions& loader = {},
+        ggml_backend_buffer_type_t layout = nullptr);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   const ModelFile& file() const { return *file_; }
   ModelFormat format() const { return file_->format(); }
   const std::string& path() const { return file_->path(); }
-  const ModelDims& dims() const { return dims_; }
+  const ModelArch& arch() const { return *arch_; }
   const std::vector<BaseSegment>& base_segments() const { return segments_; }
+  // The name of the buffer type the packed layout was computed for ("CPU", "CUDA0").
+  const std::string& layout_name() const { return layout_name_; }
 
   // ---- the host params cache (ParamsCache; every call is thread-safe) ----
   // Blocks until base segment `index` is in host memory, packed as BaseSegment::tensors
@@ -123,7 +121,7 @@ class DitModel {
   Backend params_backend() const;
   void set_read_ahead(size_t segments);
   // Buffers allocated from now on come from `allocator` (device_host_allocator(device) pins them
-  // on CUDA); null restores the default.
+  // on a GPU); null restores the default.
   void set_host_allocator(std::shared_ptr<HostAllocator> allocator);
   void set_verify(bool on);
   bool verify() const;
@@ -136,19 +134,16 @@ class DitModel {
   ParamsCache& params_cache() { return *cache_; }
 
  private:
-  void bind_safetensors();
-  void bind_gguf();
-  void bind_segments(const std::string& where);
+  void bind_segments(ggml_backend_buffer_type_t layout);
 
   std::unique_ptr<ModelFile> file_;
-  ModelDims dims_;
+  std::unique_ptr<ModelArch> arch_;
   std::vector<BaseSegment> segments_;
+  std::string layout_name_;
   std::unique_ptr<ParamsCache> cache_;
 };
 
-// The job dims of a model for `batch` × `tokens`.
-DitDims job_dims(const ModelDims& model, int64_t batch, int64_t tokens);
-// Scratch the kernels need for one base segment (kernels::*_scratch_bytes).
-size_t segment_scratch_bytes(SegmentKind kind, const DitDims& dims);
+// A ggml tensor descriptor (no data) of a segment tensor, for size and layout questions.
+ggml_tensor tensor_descriptor(const SegmentTensor& t);
 
 }  // namespace ferry

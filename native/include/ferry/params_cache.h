@@ -104,9 +104,10 @@ struct LoadStats {
   uint64_t hits = 0;           // prepare() calls served from host memory
   uint64_t misses = 0;         // prepare() calls that waited for a read
   uint64_t host_bytes = 0;     // host memory the cache holds now
-  bool direct_io = false;      // whether O_DIRECT is available for this file
-  std::vector<bool> loaded;    // per segment: in host memory now
-  std::vector<size_t> queued;  // segments waiting for a reader, in the order they will be read
+  uint64_t host_peak_bytes = 0;    // most it held since the last take_host_peak()
+  bool direct_io = false;          // whether O_DIRECT is available for this file
+  std::vector<bool> loaded;        // per segment: in host memory now
+  std::vector<size_t> queued;      // segments waiting for a reader, in the order they will be read
   std::vector<size_t> load_order;  // segments in the order their loads completed (last 4096)
 };
 
@@ -152,6 +153,9 @@ class ParamsCache {
 
   bool cached(size_t index) const;
   uint64_t host_bytes() const;
+  // The most host memory the cache held since the last call (or since it was made), and starts a
+  // new window: the runner samples it once per step.
+  uint64_t take_host_peak();
   LoadStats stats() const;
 
   void set_backend(Backend backend);
@@ -216,6 +220,7 @@ class ParamsCache {
   bool prefetch_cyclic_ = false;
 
   uint64_t host_bytes_ = 0;
+  uint64_t host_peak_bytes_ = 0;
   LoadStats stats_;
   int busy_jobs_ = 0;
   double busy_since_ = 0;

@@ -1,28 +1,32 @@
 #pragma once
-// Runs a job — S sampler steps of a DiT model over z [B, T, C] — on a device, following a plan of
-// merged segments, in one of two execution modes:
+// Runs a job — S sampler steps of a model's forward — on a device, following a plan of merged
+// segments, in one of three execution modes:
 //
-// - slots = 0, sd.cpp's serial policy, reproduced exactly as Ferry's baseline: per step, per
-//   merged segment — prepare params, allocate, copy (waiting for it), compute, free. Resident
-//   segments are uploaded at their first use and kept for the job only.
-// - slots = d ≥ 1, overlapped: z/x/y, one compute buffer (the largest any segment needs) and d
-//   staging slots (each the largest streamed merged segment) are allocated once at job start;
-//   nothing is allocated in the steady state. A copy thread prepares each streamed segment's
-//   params and queues its transfer into slot g mod d (g counts streamed copies across steps) as
-//   soon as the segment that used that slot before has computed, so segment k+d copies while
-//   segment k computes, and step t+1's first copies run during step t's last computes. Resident
-//   weights are uploaded once per device and kept across steps and jobs in the device's
-//   residency cache (device.h).
+// - kSerial (sd.cpp's policy before PR #1905, Ferry's `sdcpp` baseline): per step, per merged
+//   segment — prepare params, allocate, copy (waiting for it), compute, free. Resident segments
+//   are uploaded at their first use and kept for the job only.
+// - kLookahead (sd.cpp after PR #1905, the `sdcpp-prefetch` baseline): the same fresh allocation
+//   per segment per step, but the next streamed segment's copy is queued (into its own fresh
+//   buffer) while the current one computes: one segment of lookahead within a step.
+// - kPooled (slots = d ≥ 1, the `ferry` policy): activations, the compute buffer and d staging
+//   slots (each the largest streamed merged segment) are allocated once at job start; nothing is
+//   allocated in the steady state. A copy thread prepares each streamed segment's params and
+//   queues its transfer into slot g mod d (g counts streamed copies across steps) once the
+//   segment that used that slot before has computed, so segment k+d copies while segment k
+//   computes, and step t+1's first copies run during step t's last computes. Resident weights are
+//   uploaded once per device and kept across steps and jobs in the device's residency cache.
 //
-// Both modes give bitwise-identical outputs (the same kernels on the same bytes in the same
-// order); only the timing differs. Every event carries real wall-clock times, so spans show the
-// overlap, and each step reports how long compute waited for copies (stall_us).
+// Every mode runs the same graphs (job_graphs.h) on the same bytes in the same order, so outputs
+// are bitwise identical; only the timing differs. Every event carries real wall-clock times, so
+// spans show the overlap, and each step reports how long compute waited for copies (stall_us).
 #include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
+#include "ferry/arch.h"
 #include "ferry/device.h"
 #include "ferry/events.h"
 #include "ferry/model.h"
@@ -33,9 +37,11 @@ namespace ferry {
 struct PlanSegment {
   int64_t first_base = 0;
   int64_t last_base = 0;
-  bool resident = false;              // keep its weights on the device instead of streaming them
-  uint64_t compute_buffer_bytes = 0;  // scratch to allocate; ≥ what its kernels need
+  bool resident = false;  // keep its weights on the device instead of streaming them
 };
+
+enum class Execution : uint8_t { kSerial, kLookahead, kPooled };
+const char* execution_name(Execution execution);  // "serial", "lookahead", "pooled"
 
 // Where weights wait on the host between uses.
 enum class ParamsBackend : uint8_t {
@@ -51,13 +57,16 @@ enum class LoadMode : uint8_t {
 };
 
 struct RunRequest {
-  int64_t batch = 1;
-  int64_t tokens = 1;
+  JobShape job;
   int64_t steps = 1;
   uint64_t seed = 0;
-  std::vector<float> input;  // z [B, T, C]; empty = initial_input(seed)
+  // Values of the job's input and latent activations by name (float32, ggml order: the row-major
+  // [B, T, C] latent of the DiT is "z"). Absent ones are generated from the seed.
+  HostTensors inputs;
+  SamplerOptions sampler;  // its `steps` is this request's
   std::vector<PlanSegment> segments;
-  uint32_t slots = 0;  // prefetch depth (staging slots); 0 = sd.cpp's serial execution
+  Execution execution = Execution::kSerial;
+  uint32_t slots = 0;  // kPooled: staging slots (1..kMaxSlots)
   ParamsBackend params_backend = ParamsBackend::kCpu;
   LoadMode load = LoadMode::kLazy;
   // Checksum each base segment's host params at its first use in the job and check every copy of
@@ -69,8 +78,10 @@ struct RunRequest {
 constexpr uint32_t kMaxSlots = 16;
 
 struct RunOutput {
-  std::vector<float> output;  // z after the last step, [B, T, C]
-  std::array<int64_t, 3> shape{};
+  std::string name;                   // the latent's activation name
+  std::vector<float> output;          // the latent after the last step
+  std::vector<int64_t> shape;         // row-major ([B, T, C] for the DiT)
+  uint64_t compute_buffer_bytes = 0;  // ggml_gallocr's buffer the job used
 };
 
 using StepObserver = std::function<void(StepReport&& report)>;
@@ -78,16 +89,17 @@ using StepObserver = std::function<void(StepReport&& report)>;
 // Runs the job on the leased device. `cancel` (may be null) is checked between segments; a set
 // flag ends the run with CancelledError. `on_step` (may be empty) gets each step's report on the
 // run's thread. Everything the job allocated on the device is freed when this returns or throws,
-// except resident weights of an overlapped run, which stay in the device's residency cache.
+// except resident weights of a pooled run, which stay in the device's residency cache.
 // Throws InvalidArgumentError (bad request or plan), DeviceOutOfMemoryError, CancelledError,
 // ModelFormatError / IoError (reading weights), IntegrityError (verify).
-RunOutput run_job(DeviceLease& lease, DitModel& model, const RunRequest& request,
+RunOutput run_job(DeviceLease& lease, Model& model, const RunRequest& request,
                   const std::atomic<bool>* cancel, const StepObserver& on_step);
 
 // SplitMix64's finaliser of x + γ, mod 2^64.
 uint64_t splitmix64(uint64_t x);
-// The job's initial latent: out[i] = ((splitmix64(seed + i) >> 40) / 2^24)·2 − 1, for i < n.
-// Same values as lib/model/initialInput.ts, bit for bit.
+// A generated input: out[i] = ((splitmix64(seed + i) >> 40) / 2^24)·2 − 1, for i < n.
+// Same values as lib/model/initialInput.ts, bit for bit. A job's k-th generated input (in
+// activation order) uses seed + k·2^32.
 void initial_input(uint64_t seed, float* out, size_t n);
 
 }  // namespace ferry

@@ -3,8 +3,8 @@
 #include <cmath>
 
 #include "cpu_device_wrap.h"
-#include "cuda_device_wrap.h"
 #include "ferry/errors.h"
+#include "gpu_device_wrap.h"
 
 namespace ferry {
 namespace addon {
@@ -122,13 +122,14 @@ DeviceWrapBase* unwrap_device(Napi::Env env, const Napi::Value& value) {
   AddonData& data = addon_data(env);
   Napi::Object o = value.As<Napi::Object>();
   if (o.InstanceOf(data.device_class.Value())) return CpuDeviceWrap::Unwrap(o);
-  if (o.InstanceOf(data.cuda_device_class.Value())) return CudaDeviceWrap::Unwrap(o);
+  if (o.InstanceOf(data.gpu_device_class.Value())) return GpuDeviceWrap::Unwrap(o);
   return nullptr;
 }
 
 void set_device_info(Napi::Env env, Napi::Object out, const Device& device) {
   out.Set("name", device.name());
   out.Set("kind", device_kind_name(device.kind()));
+  out.Set("backend", device.backend_name());
   out.Set("totalBytes", size_value(env, device.total_bytes()));
   // What a job can have: cached resident weights no job holds are evicted on demand.
   out.Set("freeBytes", size_value(env, device.available_bytes()));

@@ -58,7 +58,7 @@ std::string string_field_or(const Napi::Object& object, const char* key, const s
 
 class ModelWrap;
 
-// What the run, the registry and the model wraps need of a JS device (CpuDevice, CudaDevice).
+// What the run, the registry and the model wraps need of a JS device (CpuDevice, GpuDevice).
 class DeviceWrapBase {
  public:
   virtual ~DeviceWrapBase() = default;
@@ -81,13 +81,13 @@ struct Registry {
 struct AddonData {
   std::shared_ptr<Registry> registry = std::make_shared<Registry>();
   Napi::FunctionReference device_class;  // CpuDevice
-  Napi::FunctionReference cuda_device_class;
+  Napi::FunctionReference gpu_device_class;
   Napi::FunctionReference model_class;
 };
 
 AddonData& addon_data(Napi::Env env);
 
-// The device wrap behind a JS CpuDevice or CudaDevice; nullptr if `value` is neither.
+// The device wrap behind a JS CpuDevice or GpuDevice; nullptr if `value` is neither.
 DeviceWrapBase* unwrap_device(Napi::Env env, const Napi::Value& value);
 
 // The parts of info() and stats() every device kind reports.

@@ -7,7 +7,7 @@ namespace {
 
 // Passed to the constructor by create(); JS code cannot make one, so `new Model()` fails.
 struct ModelToken {
-  std::shared_ptr<DitModel> model;
+  std::shared_ptr<Model> model;
 };
 
 Napi::Array shape_array(Napi::Env env, const std::vector<int64_t>& shape) {
@@ -21,16 +21,19 @@ Napi::Array shape_array(Napi::Env env, const std::vector<int64_t>& shape) {
 // of JSON.
 class OpenModelWorker : public Napi::AsyncWorker {
  public:
-  OpenModelWorker(Napi::Env env, std::string path)
+  OpenModelWorker(Napi::Env env, std::string path, std::shared_ptr<Device> device)
       : Napi::AsyncWorker(env, "ferry.openModel"),
         path_(std::move(path)),
+        device_(std::move(device)),
         deferred_(Napi::Promise::Deferred::New(env)) {}
 
   Napi::Promise promise() { return deferred_.Promise(); }
 
   void Execute() override {
     try {
-      model_ = DitModel::open(path_);
+      Model::Options options;
+      if (device_) options.layout = ggml_backend_buffer_get_type(device_->memory());
+      model_ = Model::open(path_, options);
     } catch (...) {
       error_ = capture_exception(std::current_exception());
       SetError(error_.message);
@@ -52,8 +55,9 @@ class OpenModelWorker : public Napi::AsyncWorker {
 
  private:
   std::string path_;
+  std::shared_ptr<Device> device_;  // held until the model is laid out for it
   Napi::Promise::Deferred deferred_;
-  std::shared_ptr<DitModel> model_;
+  std::shared_ptr<Model> model_;
   CapturedError error_;
 };
 
@@ -64,11 +68,12 @@ Napi::Function ModelWrap::define(Napi::Env env) {
                      {
                          InstanceMethod<&ModelWrap::info>("info"),
                          InstanceMethod<&ModelWrap::host_cache_bytes>("hostCacheBytes"),
+                         InstanceMethod<&ModelWrap::load_stats>("loadStats"),
                          InstanceMethod<&ModelWrap::dispose>("dispose"),
                      });
 }
 
-Napi::Object ModelWrap::create(Napi::Env env, std::shared_ptr<DitModel> model) {
+Napi::Object ModelWrap::create(Napi::Env env, std::shared_ptr<Model> model) {
   ModelToken token{std::move(model)};
   return addon_data(env).model_class.New({Napi::External<ModelToken>::New(env, &token)});
 }
@@ -88,7 +93,7 @@ ModelWrap::~ModelWrap() {
   release(Env(), !registry_->tearing_down);
 }
 
-std::shared_ptr<DitModel> ModelWrap::model(Napi::Env env) const {
+std::shared_ptr<Model> ModelWrap::model(Napi::Env env) const {
   if (!model_) throw_invalid_argument(env, "Model has been disposed");
   return model_;
 }
@@ -120,11 +125,16 @@ void ModelWrap::release(Napi::Env env, bool adjust_external) {
 Napi::Value ModelWrap::info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto m = model(env);
-  const SafetensorsFile& file = m->file();
+  const ModelFile& file = m->file();
   Napi::Object out = Napi::Object::New(env);
   out.Set("path", m->path());
-  const bool gguf = !file.tensors().empty() && file.tensors().front().ggml_type >= 0;
-  out.Set("format", gguf ? "gguf" : "safetensors");
+  out.Set("format", model_format_name(m->format()));
+  out.Set("arch", m->arch().name());
+  out.Set("description", m->arch().describe());
+  out.Set("layout", m->layout_name());
+  Napi::Object config = Napi::Object::New(env);
+  for (const auto& [key, value] : m->arch().config()) config.Set(key, value);
+  out.Set("config", config);
 
   Napi::Object metadata = Napi::Object::New(env);
   for (const auto& [key, value] : file.metadata()) metadata.Set(key, value);
@@ -148,7 +158,9 @@ Napi::Value ModelWrap::info(const Napi::CallbackInfo& info) {
   for (size_t i = 0; i < segments.size(); i++) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("name", segments[i].name);
+    o.Set("kind", segments[i].kind);
     o.Set("paramBytes", size_value(env, segments[i].param_bytes));
+    o.Set("packedBytes", size_value(env, segments[i].packed_bytes));
     Napi::Array names = Napi::Array::New(env, segments[i].tensors.size());
     for (size_t j = 0; j < segments[i].tensors.size(); j++)
       names.Set(j, segments[i].tensors[j].name);
@@ -156,14 +168,6 @@ Napi::Value ModelWrap::info(const Napi::CallbackInfo& info) {
     base.Set(i, o);
   }
   out.Set("baseSegments", base);
-
-  const ModelDims& d = m->dims();
-  Napi::Object dims = Napi::Object::New(env);
-  dims.Set("hidden", Napi::Number::New(env, static_cast<double>(d.hidden)));
-  dims.Set("heads", Napi::Number::New(env, static_cast<double>(d.heads)));
-  dims.Set("channels", Napi::Number::New(env, static_cast<double>(d.channels)));
-  dims.Set("blocks", Napi::Number::New(env, static_cast<double>(d.blocks)));
-  out.Set("dims", dims);
   return out;
 }
 
@@ -174,6 +178,21 @@ Napi::Value ModelWrap::host_cache_bytes(const Napi::CallbackInfo& info) {
   return size_value(env, m->host_cache_bytes());
 }
 
+Napi::Value ModelWrap::load_stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const LoadStats st = model(env)->load_stats();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("bytesRead", size_value(env, st.bytes_read));
+  out.Set("directBytes", size_value(env, st.direct_bytes));
+  out.Set("readSeconds", st.read_seconds);
+  out.Set("segmentReads", size_value(env, st.segment_reads));
+  out.Set("hits", size_value(env, st.hits));
+  out.Set("misses", size_value(env, st.misses));
+  out.Set("hostBytes", size_value(env, st.host_bytes));
+  out.Set("directIo", st.direct_io);
+  return out;
+}
+
 Napi::Value ModelWrap::dispose(const Napi::CallbackInfo& info) {
   release(info.Env(), true);
   return info.Env().Undefined();
@@ -182,7 +201,18 @@ Napi::Value ModelWrap::dispose(const Napi::CallbackInfo& info) {
 Napi::Value open_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsString()) throw_invalid_argument(env, "openModel(path): path must be a string");
-  auto* worker = new OpenModelWorker(env, info[0].As<Napi::String>().Utf8Value());
+  std::shared_ptr<Device> device;
+  if (!info[1].IsUndefined()) {
+    Napi::Object options = object_arg(info[1], "openModel options");
+    if (has_field(options, "device")) {
+      DeviceWrapBase* wrap = unwrap_device(env, options.Get("device"));
+      if (!wrap || !(device = wrap->device_or_null())) {
+        throw_invalid_argument(env,
+                               "openModel options.device must be a live CpuDevice or GpuDevice");
+      }
+    }
+  }
+  auto* worker = new OpenModelWorker(env, info[0].As<Napi::String>().Utf8Value(), device);
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;

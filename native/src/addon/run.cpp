@@ -26,7 +26,7 @@ using StepChannel = Napi::TypedThreadSafeFunction<RunState, StepReport, deliver_
 // last step report has been delivered.
 struct RunState {
   std::shared_ptr<Device> device;
-  std::shared_ptr<DitModel> model;
+  std::shared_ptr<Model> model;
   DeviceLease lease;  // declared after `device`: released before the device can go
   RunRequest request;
   std::atomic<bool> cancel{false};
@@ -64,6 +64,8 @@ Napi::Object report_object(Napi::Env env, const StepReport& r) {
   o.Set("h2dBytes", size_value(env, r.h2d_bytes));
   o.Set("diskBytes", size_value(env, r.disk_bytes));
   o.Set("arenaPeakBytes", size_value(env, r.arena_peak_bytes));
+  o.Set("allocations", size_value(env, r.allocations));
+  o.Set("hostPeakBytes", size_value(env, r.host_peak_bytes));
   o.Set("stallUs", r.stall_us);
   o.Set("residentHitBytes", size_value(env, r.resident_hit_bytes));
   Napi::Array events = Napi::Array::New(env, r.events.size());
@@ -87,12 +89,14 @@ void deliver_step(Napi::Env env, Napi::Function on_step, RunState* state, StepRe
 Napi::Object output_object(Napi::Env env, const RunOutput& out) {
   Napi::Float32Array values = Napi::Float32Array::New(env, out.output.size());
   std::memcpy(values.Data(), out.output.data(), out.output.size() * sizeof(float));
-  Napi::Array shape = Napi::Array::New(env, 3);
-  for (uint32_t i = 0; i < 3; i++)
+  Napi::Array shape = Napi::Array::New(env, out.shape.size());
+  for (uint32_t i = 0; i < out.shape.size(); i++)
     shape.Set(i, Napi::Number::New(env, static_cast<double>(out.shape[i])));
   Napi::Object o = Napi::Object::New(env);
+  o.Set("name", out.name);
   o.Set("output", values);
   o.Set("shape", shape);
+  o.Set("computeBufferBytes", size_value(env, out.compute_buffer_bytes));
   return o;
 }
 
@@ -155,8 +159,9 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
   const std::string where = "startRun request";
   Napi::Object o = object_arg(value, where);
   RunRequest r;
-  r.batch = static_cast<int64_t>(uint_field(o, "batch", where));
-  r.tokens = static_cast<int64_t>(uint_field(o, "tokens", where));
+  r.job.batch = static_cast<int64_t>(uint_field(o, "batch", where));
+  r.job.tokens = static_cast<int64_t>(uint_field(o, "tokens", where));
+  r.job.context_tokens = static_cast<int64_t>(uint_field_or(o, "contextTokens", where, 0));
   r.steps = static_cast<int64_t>(uint_field(o, "steps", where));
   Napi::Value seed = o.Get("seed");
   if (seed.IsBigInt()) {
@@ -168,16 +173,22 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
   } else {
     r.seed = uint_field(o, "seed", where);
   }
-  if (has_field(o, "input")) {
-    Napi::Value input = o.Get("input");
-    if (!input.IsTypedArray() ||
-        input.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
-      throw_invalid_argument(env, where + ".input must be a Float32Array");
+  if (has_field(o, "inputs")) {
+    Napi::Object inputs = object_arg(o.Get("inputs"), where + ".inputs");
+    Napi::Array names = inputs.GetPropertyNames();
+    for (uint32_t i = 0; i < names.Length(); i++) {
+      const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
+      Napi::Value input = inputs.Get(name);
+      if (!input.IsTypedArray() ||
+          input.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+        throw_invalid_argument(env, where + ".inputs." + name + " must be a Float32Array");
+      }
+      Napi::Float32Array a = input.As<Napi::Float32Array>();
+      r.inputs[name].assign(a.Data(), a.Data() + a.ElementLength());
     }
-    Napi::Float32Array a = input.As<Napi::Float32Array>();
-    r.input.assign(a.Data(), a.Data() + a.ElementLength());
-    if (r.input.empty()) throw_invalid_argument(env, where + ".input is empty");
   }
+  r.sampler.guidance = number_field_or(o, "guidance", where, 3.5);
+  r.sampler.shift = has_field(o, "shift") ? bool_field(o, "shift", where) : false;
   Napi::Value segments = o.Get("segments");
   if (!segments.IsArray()) throw_invalid_argument(env, where + ".segments must be an array");
   Napi::Array list = segments.As<Napi::Array>();
@@ -188,7 +199,6 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
     p.first_base = static_cast<int64_t>(uint_field(s, "firstBase", at));
     p.last_base = static_cast<int64_t>(uint_field(s, "lastBase", at));
     p.resident = bool_field(s, "resident", at);
-    p.compute_buffer_bytes = uint_field(s, "computeBufferBytes", at);
     r.segments.push_back(p);
   }
   const uint64_t slots = uint_field_or(o, "slots", where, 0);
@@ -198,6 +208,19 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
                                     ")");
   }
   r.slots = static_cast<uint32_t>(slots);
+  // slots ≥ 1 means pooled; with none, "serial" unless the request asks for "lookahead".
+  const std::string execution =
+      string_field_or(o, "execution", where, slots > 0 ? "pooled" : "serial");
+  if (execution == "serial") {
+    r.execution = Execution::kSerial;
+  } else if (execution == "lookahead") {
+    r.execution = Execution::kLookahead;
+  } else if (execution == "pooled") {
+    r.execution = Execution::kPooled;
+  } else {
+    throw_invalid_argument(env, where + ".execution must be \"serial\", \"lookahead\" or " +
+                                    "\"pooled\", got \"" + execution + "\"");
+  }
   const std::string backend = string_field_or(o, "paramsBackend", where, "cpu");
   if (backend == "cpu" || backend.empty()) {  // "": the executor's default
     r.params_backend = ParamsBackend::kCpu;
@@ -229,7 +252,7 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
   AddonData& data = addon_data(env);
   DeviceWrapBase* device_wrap = unwrap_device(env, info[0]);
   if (!device_wrap) {
-    throw_invalid_argument(env, "startRun: the first argument must be a CpuDevice or CudaDevice");
+    throw_invalid_argument(env, "startRun: the first argument must be a CpuDevice or GpuDevice");
   }
   if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(data.model_class.Value())) {
     throw_invalid_argument(env, "startRun: the second argument must be a Model from openModel()");

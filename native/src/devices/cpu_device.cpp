@@ -17,6 +17,7 @@
 
 #include "ferry/errors.h"
 #include "ferry/events.h"
+#include "ggml-cpu.h"
 
 namespace ferry {
 
@@ -203,27 +204,6 @@ class CpuCopyStream final : public Stream {
   std::thread thread_;
 };
 
-// The compute "stream" of the CPU device: its operations run on the caller's thread (over the
-// kernel thread pool), so everything is done when queued and events are born complete.
-class CpuComputeStream final : public Stream {
- public:
-  EventPtr copy_batch_async(const CopyRegion* regions, size_t count) override {
-    auto event = std::make_shared<CpuEvent>();
-    const double start = wall_clock_us();
-    for (size_t i = 0; i < count; i++) {
-      if (regions[i].bytes != 0) std::memcpy(regions[i].dst, regions[i].src, regions[i].bytes);
-    }
-    event->complete(start, wall_clock_us(), nullptr);
-    return event;
-  }
-  EventPtr record() override {
-    auto event = std::make_shared<CpuEvent>();
-    const double now = wall_clock_us();
-    event->complete(now, now, nullptr);
-    return event;
-  }
-};
-
 namespace {
 
 double checked_link_gbps(double gbps) {
@@ -234,44 +214,68 @@ double checked_link_gbps(double gbps) {
   return gbps;
 }
 
+unsigned checked_threads(unsigned threads) {
+  if (threads > 512) {
+    throw InvalidArgumentError("cpu: threads must be between 0 (one per core) and 512, got " +
+                               std::to_string(threads));
+  }
+  if (threads != 0) return threads;
+  const unsigned hardware = std::thread::hardware_concurrency();
+  return hardware == 0 ? 1 : hardware;
+}
+
 }  // namespace
 
 CpuDevice::CpuDevice(const CpuDeviceOptions& options)
-    : name_("cpu"),
+    : Device("cpu"),
       link_gbps_(checked_link_gbps(options.link_gbps)),
-      arena_(options.capacity_bytes, "cpu"),
-      pool_(options.threads),
-      copy_stream_(std::make_unique<CpuCopyStream>(link_gbps_)),
-      compute_stream_(std::make_unique<CpuComputeStream>()) {}
+      threads_(checked_threads(options.threads)) {
+  auto arena = std::make_unique<Arena>(options.capacity_bytes, "cpu");
+  ggml_backend_t backend = ggml_backend_cpu_init();
+  if (!backend) throw DeviceUnavailableError("cpu: ggml's CPU backend failed to initialise");
+  // The arena's region is the device memory; ggml sees it as one CPU buffer.
+  ggml_backend_buffer_t memory = ggml_backend_cpu_buffer_from_ptr(arena->base(), arena->usable());
+  if (!memory) {
+    ggml_backend_free(backend);
+    throw DeviceUnavailableError("cpu: ggml could not wrap the arena as a CPU buffer");
+  }
+  attach(backend, memory, std::move(arena));
+  // A threadpool that lives as long as the device: without one, ggml starts threads for every
+  // graph. Idle workers sleep rather than poll, leaving the cores to the copy and loader threads.
+  ggml_threadpool_params params = ggml_threadpool_params_default(static_cast<int>(threads_));
+  params.poll = options.poll;
+  threadpool_ = ggml_threadpool_new(&params);
+  if (!threadpool_) throw DeviceUnavailableError("cpu: ggml could not start its threadpool");
+  ggml_backend_cpu_set_n_threads(backend, static_cast<int>(threads_));
+  ggml_backend_cpu_set_threadpool(backend, threadpool_);
+  copy_stream_ = std::make_unique<CpuCopyStream>(link_gbps_);
+}
 
 CpuDevice::~CpuDevice() {
   // Nothing may still be copying into the arena, and cached weights go back to it, before it goes.
   copy_stream_.reset();
-  release_residency();
+  release_memory();
+  // The backend (freed by ~Device) must not outlive its threadpool's last use: detach it first.
+  ggml_backend_cpu_set_threadpool(backend(), nullptr);
+  ggml_threadpool_free(threadpool_);
 }
 
 Stream& CpuDevice::copy_stream() { return *copy_stream_; }
-Stream& CpuDevice::compute_stream() { return *compute_stream_; }
 
-void CpuDevice::prelude_forward(const DitDims& dims, const PreludeWeights& w, const float* z,
-                                float* x, void* scratch) {
-  kernels::prelude_forward(pool_, dims, w, z, x, scratch);
+EventPtr CpuDevice::compute(ggml_cgraph* graph) {
+  auto event = std::make_shared<CpuEvent>();
+  const double start = wall_clock_us();
+  const ggml_status status = ggml_backend_graph_compute(backend(), graph);
+  const double end = wall_clock_us();
+  std::exception_ptr error;
+  if (status != GGML_STATUS_SUCCESS) {
+    error = std::make_exception_ptr(InvalidArgumentError(
+        std::string("cpu: ggml graph compute failed: ") + ggml_status_to_string(status)));
+  }
+  event->complete(start, end, error);
+  return event;
 }
 
-void CpuDevice::block_forward(const DitDims& dims, const BlockWeights& w, float* x, void* scratch) {
-  kernels::block_forward(pool_, dims, w, x, scratch);
-}
-
-void CpuDevice::final_forward(const DitDims& dims, const FinalWeights& w, const float* x, float* y,
-                              void* scratch) {
-  kernels::final_forward(pool_, dims, w, x, y, scratch);
-}
-
-void CpuDevice::euler_update(float* z, const float* y, size_t n, float dt) {
-  // Element-wise with no reduction, so the split across threads cannot change the result.
-  pool_.parallel_for(static_cast<int64_t>(n), [=](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i++) z[i] = z[i] - dt * y[i];
-  });
-}
+void CpuDevice::compute_wait(const EventPtr& event) { event->wait(); }
 
 }  // namespace ferry

@@ -7,8 +7,9 @@
 #include <cstring>
 #include <vector>
 
-#include "ferry/checksum.h"
+#include "device_memory.h"
 #include "ferry/errors.h"
+#include "ferry/ggml_support.h"
 
 namespace ferry {
 
@@ -16,27 +17,10 @@ const char* device_kind_name(DeviceKind kind) {
   switch (kind) {
     case DeviceKind::kCpu:
       return "cpu";
-    case DeviceKind::kCuda:
-      return "cuda";
+    case DeviceKind::kGpu:
+      return "gpu";
   }
   return "unknown";
-}
-
-uint64_t checksum64(const void* data, size_t bytes) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  const size_t words = bytes / 8;
-  uint64_t sum = 0;
-  for (size_t i = 0; i < words; i++) {
-    uint64_t w;
-    std::memcpy(&w, p + 8 * i, 8);
-    sum += checksum_term(w, i);
-  }
-  if (bytes % 8 != 0) {
-    uint64_t w = 0;
-    std::memcpy(&w, p + 8 * words, bytes % 8);
-    sum += checksum_term(w, words);
-  }
-  return sum + checksum_term(static_cast<uint64_t>(bytes), ~uint64_t{0});
 }
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
@@ -53,7 +37,7 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
 }
 
 void DeviceBuffer::reset() noexcept {
-  if (device_ && data_) device_->free_raw(data_);
+  if (device_ && data_) device_->arena_->release(data_);
   device_ = nullptr;
   data_ = nullptr;
   size_ = 0;
@@ -65,18 +49,21 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
     device_ = other.device_;
     data_ = other.data_;
     size_ = other.size_;
+    handle_ = other.handle_;
     other.device_ = nullptr;
     other.data_ = nullptr;
     other.size_ = 0;
+    other.handle_ = nullptr;
   }
   return *this;
 }
 
 void HostBuffer::reset() noexcept {
-  if (device_ && data_) device_->free_host_raw(data_);
+  if (device_ && data_) device_->free_host_raw(data_, handle_);
   device_ = nullptr;
   data_ = nullptr;
   size_ = 0;
+  handle_ = nullptr;
 }
 
 // ---- residency cache ----
@@ -175,19 +162,86 @@ uint64_t ResidencyCache::evictable_bytes() const {
   return total;
 }
 
-// ---- device defaults ----
+// ---- the device ----
 
-void* Device::alloc_host_raw(size_t bytes) {
+Device::Device(std::string name) : name_(std::move(name)) { ggml_setup(); }
+
+Device::~Device() {
+  release_memory();
+  if (scratch_buft_) destroy_scratch_buffer_type(scratch_buft_);
+  if (memory_) ggml_backend_buffer_free(memory_);
+  arena_.reset();
+  if (backend_) ggml_backend_free(backend_);
+}
+
+void Device::attach(ggml_backend_t backend, ggml_backend_buffer_t memory,
+                    std::unique_ptr<Arena> arena) {
+  backend_ = backend;
+  memory_ = memory;
+  arena_ = std::move(arena);
+  scratch_buft_ = create_scratch_buffer_type(this);
+}
+
+void Device::release_memory() noexcept { residency_.clear(); }
+
+std::string Device::backend_name() const {
+  return backend_ ? ggml_backend_name(backend_) : std::string("none");
+}
+
+size_t Device::tensor_alignment() const {
+  return std::max<size_t>(ggml_backend_buffer_get_alignment(memory_), Arena::kAlignment);
+}
+
+size_t Device::tensor_alloc_size(const ggml_tensor* tensor) const {
+  return ggml_backend_buffer_get_alloc_size(memory_, tensor);
+}
+
+DeviceBuffer Device::alloc(size_t bytes) {
+  return DeviceBuffer(this, arena_->allocate(bytes), bytes);
+}
+
+void Device::place(ggml_tensor* tensor, void* addr) {
+  // Not ggml_backend_tensor_alloc: a weight's tensor moves from slot to slot, and every backend
+  // reads tensor->data when it runs the graph. The range check is what that call would assert.
+  const auto* base = static_cast<const uint8_t*>(ggml_backend_buffer_get_base(memory_));
+  const auto* at = static_cast<const uint8_t*>(addr);
+  const size_t size = ggml_backend_buffer_get_size(memory_);
+  if (at < base || at > base + size || tensor_alloc_size(tensor) > size_t(base + size - at)) {
+    throw InvalidArgumentError(name_ + ": tensor \"" + std::string(ggml_get_name(tensor)) +
+                               "\" does not fit at that place in device memory");
+  }
+  tensor->buffer = memory_;
+  tensor->data = addr;
+}
+
+HostBuffer Device::alloc_host(size_t bytes) {
+  void* handle = nullptr;
+  void* data = alloc_host_raw(bytes, &handle);
+  return HostBuffer(this, data, bytes, handle);
+}
+
+void* Device::alloc_host_raw(size_t bytes, void** handle) {
+  *handle = nullptr;
   void* p = nullptr;
-  if (posix_memalign(&p, 64, std::max<size_t>(bytes, 1)) != 0) throw std::bad_alloc();
+  if (posix_memalign(&p, 4096, std::max<size_t>(bytes, 1)) != 0) throw std::bad_alloc();
   return p;
 }
 
-void Device::free_host_raw(void* data) noexcept { std::free(data); }
+void Device::free_host_raw(void* data, void*) noexcept { std::free(data); }
 
-uint64_t Device::checksum(const void* device_data, size_t bytes) {
+void Device::tensor_set(ggml_tensor* tensor, const void* data, size_t offset, size_t bytes) {
+  ggml_backend_tensor_set(tensor, data, offset, bytes);
+}
+
+void Device::tensor_get(const ggml_tensor* tensor, void* data, size_t offset, size_t bytes) {
+  ggml_backend_tensor_get(tensor, data, offset, bytes);
+}
+
+void Device::read(const void* addr, void* dst, size_t bytes) {
   copy_stream().synchronize();
-  return checksum64(device_data, bytes);
+  // A byte tensor over the range: ggml's own path out of device memory, whatever the backend.
+  ggml_tensor span = byte_span(memory_, const_cast<void*>(addr), bytes);
+  tensor_get(&span, dst, 0, bytes);
 }
 
 double Device::measure_copy_rate(size_t bytes) {

@@ -13,38 +13,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <unordered_set>
+#include <exception>
+#include <memory>
+#include <vector>
 
 #include "ferry/errors.h"
+#include "ferry/ggml_support.h"
 #include "ferry/safetensors.h"
+#include "gguf.h"
 
 namespace ferry {
 
 namespace {
-
-// lib/model/ggmlTypes.ts GGML_TYPES, entry for entry (ggml.h enum ggml_type; ggml.c type_traits;
-// the block structs of ggml-common.h).
-constexpr uint32_t kQK_K = 256;
-constexpr GgmlTypeInfo kGgmlTypes[] = {
-    {0, "f32", 1, 4, false},          {1, "f16", 1, 2, false},
-    {2, "q4_0", 32, 18, true},        {3, "q4_1", 32, 20, true},
-    {6, "q5_0", 32, 22, true},        {7, "q5_1", 32, 24, true},
-    {8, "q8_0", 32, 34, true},        {9, "q8_1", 32, 36, true},
-    {10, "q2_K", kQK_K, 84, true},    {11, "q3_K", kQK_K, 110, true},
-    {12, "q4_K", kQK_K, 144, true},   {13, "q5_K", kQK_K, 176, true},
-    {14, "q6_K", kQK_K, 210, true},   {15, "q8_K", kQK_K, 292, true},
-    {16, "iq2_xxs", kQK_K, 66, true}, {17, "iq2_xs", kQK_K, 74, true},
-    {18, "iq3_xxs", kQK_K, 98, true}, {19, "iq1_s", kQK_K, 50, true},
-    {20, "iq4_nl", 32, 18, true},     {21, "iq3_s", kQK_K, 110, true},
-    {22, "iq2_s", kQK_K, 82, true},   {23, "iq4_xs", kQK_K, 136, true},
-    {24, "i8", 1, 1, false},          {25, "i16", 1, 2, false},
-    {26, "i32", 1, 4, false},         {27, "i64", 1, 8, false},
-    {28, "f64", 1, 8, false},         {29, "iq1_m", kQK_K, 56, true},
-    {30, "bf16", 1, 2, false},        {34, "tq1_0", kQK_K, 54, true},
-    {35, "tq2_0", kQK_K, 66, true},   {39, "mxfp4", 32, 17, true},
-    {40, "nvfp4", 64, 36, true},      {41, "q1_0", 128, 18, true},
-    {42, "q2_0", 64, 18, true},
-};
 
 struct RemovedType {
   uint32_t id;
@@ -60,14 +40,6 @@ constexpr const char* kValueTypeNames[] = {"uint8",  "int8",    "uint16", "int16
                                            "uint64", "int64",   "float64"};
 constexpr uint32_t kValueTypeCount = 13;
 
-// Smallest encodings, to bound counts by the bytes left before looping or allocating: one
-// metadata kv is key length (8) + type (4) + a 1-byte value; one tensor info is name length (8) +
-// a 1-byte name + n_dims (4) + ne[0] (8) + type (4) + offset (8).
-constexpr uint64_t kMinKvBytes = 13;
-constexpr uint64_t kMinTensorInfoBytes = 33;
-// The header is read through a window that starts small and doubles up to this.
-constexpr size_t kFirstWindow = size_t{64} << 10;
-constexpr size_t kMaxWindow = size_t{8} << 20;
 // Largest integer a JavaScript number holds exactly: no real dimension comes near it.
 constexpr uint64_t kMaxSafeInteger = (uint64_t{1} << 53) - 1;
 
@@ -87,44 +59,6 @@ std::string ne_text(const std::vector<int64_t>& ne) {
   std::string s;
   for (size_t i = 0; i < ne.size(); i++) s += (i ? ", " : "") + std::to_string(ne[i]);
   return s;
-}
-
-// RFC 3629 UTF-8 (no overlongs, no surrogates, nothing past U+10FFFF), as TextDecoder's fatal
-// mode in the TypeScript reader accepts it.
-bool valid_utf8(const uint8_t* s, size_t n) {
-  size_t i = 0;
-  while (i < n) {
-    const uint8_t c = s[i];
-    if (c < 0x80) {
-      i++;
-      continue;
-    }
-    size_t len;
-    uint32_t cp;
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-      cp = c & 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      cp = c & 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (n - i < len) return false;
-    for (size_t k = 1; k < len; k++) {
-      if ((s[i + k] & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF)) {
-      return false;
-    }
-    i += len;
-  }
-  return true;
 }
 
 // A JSON string literal of `text` cut to `max_chars` bytes (on a character boundary), "…" marking
@@ -275,193 +209,37 @@ void decode_scalar(GgufValueType type, const uint8_t* p, GgufValue* v) {
   }
 }
 
-// Forward reads over the file through a window that is refilled in growing chunks. Every read is
-// checked against the file size and the header cap first, so a length field is never trusted
-// with an allocation larger than what the file really holds (and never above the cap).
-class Cursor {
- public:
-  Cursor(const std::string& label, uint64_t file_bytes, const GgufReadFn& read, uint64_t max_header)
-      : label_(label), file_bytes_(file_bytes), read_(read), max_header_(max_header) {}
+}  // namespace
 
-  [[noreturn]] void fail(const std::string& problem) const {
-    throw ModelFormatError(label_ + ": " + problem);
-  }
-  uint64_t pos() const { return pos_; }
-  uint64_t remaining() const { return file_bytes_ - pos_; }
+namespace {
 
-  // Makes [pos, pos + n) readable from the window, or fails naming what was being read.
-  void need(uint64_t n, const std::string& what) {
-    if (n > max_header_ - pos_) {
-      fail("header is larger than the " + std::to_string(max_header_) + "-byte limit (reading " +
-           what + " at byte " + std::to_string(pos_) + "); corrupt");
+// ggml's type traits as Ferry's table, built once from ggml itself.
+const std::vector<GgmlTypeInfo>& ggml_types() {
+  static const std::vector<GgmlTypeInfo> table = [] {
+    std::vector<GgmlTypeInfo> t;
+    for (int i = 0; i < GGML_TYPE_COUNT; i++) {
+      const auto type = static_cast<ggml_type>(i);
+      if (ggml_blck_size(type) == 0) continue;  // a removed type's slot
+      t.push_back({static_cast<uint32_t>(i), ggml_type_name(type),
+                   static_cast<uint32_t>(ggml_blck_size(type)),
+                   static_cast<uint32_t>(ggml_type_size(type)), ggml_is_quantized(type)});
     }
-    if (pos_ + n <= window_start_ + window_.size()) return;
-    if (n > remaining()) {
-      fail("truncated: " + what + " at byte " + std::to_string(pos_) + " needs " +
-           std::to_string(n) + " bytes, but the file ends at byte " + std::to_string(file_bytes_));
-    }
-    const uint64_t length =
-        std::min<uint64_t>({std::max<uint64_t>(n, chunk_), remaining(), max_header_ - pos_});
-    chunk_ = std::min(chunk_ * 2, kMaxWindow);
-    window_.resize(static_cast<size_t>(length));
-    read_(pos_, window_.data(), static_cast<size_t>(length));
-    window_start_ = pos_;
-  }
-
-  const uint8_t* take(uint64_t n, const std::string& what) {
-    need(n, what);
-    const uint8_t* p = window_.data() + (pos_ - window_start_);
-    pos_ += n;
-    return p;
-  }
-
-  // Advances past n bytes without reading them (bounded like need()).
-  void skip(uint64_t n, const std::string& what) {
-    if (n > max_header_ - pos_) need(n, what);  // reports the cap
-    if (n > remaining()) need(n, what);         // reports the truncation
-    pos_ += n;
-  }
-
-  uint32_t u32(const std::string& what) {
-    uint32_t v;
-    std::memcpy(&v, take(4, what), 4);
-    return v;
-  }
-  uint64_t u64(const std::string& what) {
-    uint64_t v;
-    std::memcpy(&v, take(8, what), 8);
-    return v;
-  }
-
-  std::string string(const std::string& what, bool keep = true) {
-    const uint64_t length = u64("length of " + what);
-    if (length > kGgufMaxStringBytes) {
-      fail(what + " at byte " + std::to_string(pos_ - 8) + " claims " + std::to_string(length) +
-           " bytes, over the " + std::to_string(kGgufMaxStringBytes) +
-           "-byte limit for a string; corrupt");
-    }
-    if (length > remaining()) {
-      fail("truncated: " + what + " at byte " + std::to_string(pos_ - 8) + " claims " +
-           std::to_string(length) + " bytes, but only " + std::to_string(remaining()) +
-           " remain in the file");
-    }
-    const uint8_t* p = take(length, what);
-    if (!valid_utf8(p, static_cast<size_t>(length))) {
-      fail(what + " at byte " + std::to_string(pos_ - length) + " is not valid UTF-8");
-    }
-    return keep ? std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(length))
-                : std::string();
-  }
-
- private:
-  const std::string& label_;
-  const uint64_t file_bytes_;
-  const GgufReadFn& read_;
-  const uint64_t max_header_;
-  std::vector<uint8_t> window_;
-  uint64_t window_start_ = 0;
-  size_t chunk_ = kFirstWindow;
-  uint64_t pos_ = 0;
-};
-
-bool value_type_from_id(uint32_t id, GgufValueType* out) {
-  if (id >= kValueTypeCount) return false;
-  *out = static_cast<GgufValueType>(id);
-  return true;
-}
-
-std::string known_value_types() {
-  std::string s = "known: 0–12, ";
-  for (uint32_t i = 0; i < kValueTypeCount; i++)
-    s += (i ? ", " : "") + std::string(kValueTypeNames[i]);
-  return s;
-}
-
-uint64_t min_item_bytes(GgufValueType type) {
-  if (type == GgufValueType::kString) return 8;
-  if (type == GgufValueType::kArray) return 12;
-  return gguf_scalar_bytes(type);
-}
-
-void read_array(Cursor& c, const std::string& what, int depth, bool keep, GgufValue* out) {
-  if (depth > kGgufMaxArrayDepth) {
-    c.fail(what + ": arrays nested deeper than " + std::to_string(kGgufMaxArrayDepth) +
-           " levels; corrupt");
-  }
-  out->type = GgufValueType::kArray;
-  const uint32_t type_id = c.u32("item type of " + what);
-  if (!value_type_from_id(type_id, &out->item_type)) {
-    c.fail(what + " has unknown item type " + std::to_string(type_id) + " at byte " +
-           std::to_string(c.pos() - 4) + " (" + known_value_types() + ")");
-  }
-  out->count = c.u64("item count of " + what);
-  const uint64_t min_bytes = min_item_bytes(out->item_type);
-  // Checked against the file before looping or allocating: a corrupt 2^60 fails here.
-  if (static_cast<u128>(out->count) * min_bytes > c.remaining()) {
-    c.fail(what + ": array of " + std::to_string(out->count) + " " +
-           gguf_value_type_name(out->item_type) + " items at byte " + std::to_string(c.pos() - 8) +
-           " cannot fit in the " + std::to_string(c.remaining()) +
-           " bytes left in the file; truncated or corrupt");
-  }
-  out->items_kept = keep;
-  if (const size_t size = gguf_scalar_bytes(out->item_type)) {
-    const uint64_t n = out->count * size;
-    if (keep) {
-      const uint8_t* p = c.take(n, what);
-      out->raw.assign(p, p + n);
-    } else {
-      c.skip(n, what);
-    }
-    return;
-  }
-  if (out->item_type == GgufValueType::kString) {
-    if (keep) out->strings.reserve(static_cast<size_t>(out->count));
-    for (uint64_t i = 0; i < out->count; i++) {
-      std::string s = c.string(what + "[" + std::to_string(i) + "]", keep);
-      if (keep) out->strings.push_back(std::move(s));
-    }
-    return;
-  }
-  if (keep) out->arrays.reserve(static_cast<size_t>(out->count));
-  for (uint64_t i = 0; i < out->count; i++) {
-    GgufValue inner;
-    read_array(c, what + "[" + std::to_string(i) + "]", depth + 1, keep, &inner);
-    if (keep) out->arrays.push_back(std::move(inner));
-  }
-}
-
-GgufValue read_value(Cursor& c, GgufValueType type, const std::string& what, bool keep_arrays) {
-  GgufValue v;
-  v.type = type;
-  if (type == GgufValueType::kString) {
-    v.str = c.string(what);
-  } else if (type == GgufValueType::kArray) {
-    read_array(c, what, 1, keep_arrays, &v);
-  } else {
-    decode_scalar(type, c.take(gguf_scalar_bytes(type), what), &v);
-  }
-  return v;
-}
-
-std::string brief(const GgufValue& v) {
-  if (v.type == GgufValueType::kArray) {
-    return "an array of " + std::to_string(v.count) + " " + gguf_value_type_name(v.item_type);
-  }
-  return std::string(gguf_value_type_name(v.type)) + " " +
-         (v.type == GgufValueType::kString ? quote(v.str, 80) : scalar_text(v));
+    return t;
+  }();
+  return table;
 }
 
 }  // namespace
 
 const GgmlTypeInfo* ggml_type_info(uint32_t id) {
-  for (const auto& t : kGgmlTypes) {
+  for (const auto& t : ggml_types()) {
     if (t.id == id) return &t;
   }
   return nullptr;
 }
 
 const GgmlTypeInfo* ggml_type_by_name(std::string_view name) {
-  for (const auto& t : kGgmlTypes) {
+  for (const auto& t : ggml_types()) {
     const std::string_view n = t.name;
     if (n.size() != name.size()) continue;
     bool same = true;
@@ -584,167 +362,172 @@ const GgufTensorInfo* GgufHeader::find_tensor(std::string_view name) const {
   return nullptr;
 }
 
+namespace {
+
+[[noreturn]] void fail(const std::string& label, const std::string& what) {
+  throw ModelFormatError(label + ": " + what);
+}
+
+uint32_t le32(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+
+// ggml's reader reads through this: the caller's read function, clamped to the file (ggml reads
+// up to `len` bytes and treats a short read as the end), its first failure kept for the caller.
+struct CallbackReader {
+  const GgufReadFn* read;
+  uint64_t file_bytes;
+  std::exception_ptr error;
+};
+
+size_t read_callback(void* userdata, void* output, uint64_t offset, size_t len) {
+  auto& r = *static_cast<CallbackReader*>(userdata);
+  if (r.error || offset >= r.file_bytes) return 0;
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(len, r.file_bytes - offset));
+  try {
+    (*r.read)(offset, output, n);
+  } catch (...) {
+    r.error = std::current_exception();
+    return 0;
+  }
+  return n;
+}
+
+GgufValue value_of(const gguf_context* ctx, int64_t id, bool keep_arrays) {
+  GgufValue v;
+  const auto type = static_cast<GgufValueType>(gguf_get_kv_type(ctx, id));
+  if (type == GgufValueType::kString) {
+    v.type = type;
+    v.str = gguf_get_val_str(ctx, id);
+  } else if (type == GgufValueType::kArray) {
+    v.type = type;
+    v.item_type = static_cast<GgufValueType>(gguf_get_arr_type(ctx, id));
+    v.count = gguf_get_arr_n(ctx, id);
+    if (keep_arrays) {
+      v.items_kept = true;
+      if (v.item_type == GgufValueType::kString) {
+        v.strings.reserve(static_cast<size_t>(v.count));
+        for (uint64_t i = 0; i < v.count; i++) {
+          v.strings.emplace_back(gguf_get_arr_str(ctx, id, static_cast<size_t>(i)));
+        }
+      } else if (v.item_type != GgufValueType::kArray) {
+        const auto* data = static_cast<const uint8_t*>(gguf_get_arr_data(ctx, id));
+        v.raw.assign(data, data + v.count * gguf_scalar_bytes(v.item_type));
+      }
+    }
+  } else {
+    decode_scalar(type, static_cast<const uint8_t*>(gguf_get_val_data(ctx, id)), &v);
+  }
+  return v;
+}
+
+}  // namespace
+
 GgufHeader parse_gguf(const std::string& label, uint64_t file_bytes, const GgufReadFn& read,
                       const GgufParseOptions& options) {
-  Cursor c(label, file_bytes, read, options.max_header_bytes);
   GgufHeader h;
   h.path = label;
   h.file_bytes = file_bytes;
-  if (file_bytes < 4) {
-    c.fail("file is too short to be GGUF (" + std::to_string(file_bytes) +
-           " bytes; the magic alone needs 4)");
+  // What the first bytes already say, in Ferry's words: not GGUF at all, or a version ggml would
+  // refuse for a reason worth spelling out.
+  if (file_bytes < 8) {
+    fail(label, "file is too short to be GGUF (" + std::to_string(file_bytes) +
+                    " bytes; the magic and version alone need 8)");
   }
-  const uint8_t* magic = c.take(4, "magic");
-  if (std::memcmp(magic, "GGUF", 4) != 0) {
+  uint8_t head[8];
+  read(0, head, sizeof head);
+  if (std::memcmp(head, "GGUF", 4) != 0) {
     char shown[16];
-    std::snprintf(shown, sizeof shown, "%02x %02x %02x %02x", magic[0], magic[1], magic[2],
-                  magic[3]);
-    c.fail(std::string("not a GGUF file: starts with ") + shown +
-           ", expected \"GGUF\" (47 47 55 46)");
+    std::snprintf(shown, sizeof shown, "%02x %02x %02x %02x", head[0], head[1], head[2], head[3]);
+    fail(label, std::string("not a GGUF file: starts with ") + shown +
+                    ", expected \"GGUF\" (47 47 55 46)");
   }
-  h.version = c.u32("version");
+  h.version = le32(head + 4);
   if (h.version == 1) {
-    c.fail(
-        "GGUF version 1 is not supported (its counts and lengths are 32-bit); convert the model "
-        "again with a current llama.cpp");
+    fail(label,
+         "GGUF version 1 is not supported (its counts and lengths are 32-bit); convert the model "
+         "again with a current llama.cpp");
   }
   if (h.version != 2 && h.version != 3) {
     // A big-endian file stores version 3 as 00 00 00 03, which reads as 0x03000000 here.
     const uint32_t swapped = h.version >> 24;
     const bool big_endian = (h.version & 0x00FFFFFFu) == 0 && (swapped == 2 || swapped == 3);
-    c.fail("unsupported GGUF version " + std::to_string(h.version) +
-           (big_endian ? " (a big-endian GGUF file; only little-endian files are supported)" : "") +
-           "; supported: 2, 3");
-  }
-  const uint64_t tensor_count = c.u64("tensor count");
-  const uint64_t kv_count = c.u64("metadata count");
-  if (tensor_count > kGgufMaxTensors) {
-    c.fail("tensor count " + std::to_string(tensor_count) + " is absurd (limit " +
-           std::to_string(kGgufMaxTensors) + " tensors); corrupt");
-  }
-  if (static_cast<u128>(kv_count) * kMinKvBytes +
-          static_cast<u128>(tensor_count) * kMinTensorInfoBytes >
-      c.remaining()) {
-    c.fail(std::to_string(kv_count) + " metadata entries and " + std::to_string(tensor_count) +
-           " tensor infos cannot fit in the " + std::to_string(file_bytes) +
-           "-byte file; truncated or corrupt");
+    fail(label,
+         "unsupported GGUF version " + std::to_string(h.version) +
+             (big_endian ? " (a big-endian GGUF file; only little-endian files are supported)"
+                         : "") +
+             "; supported: 2, 3");
   }
 
-  std::unordered_set<std::string> keys;
-  h.metadata.reserve(static_cast<size_t>(kv_count));
-  for (uint64_t i = 0; i < kv_count; i++) {
-    std::string key = c.string("key of metadata entry #" + std::to_string(i));
-    if (!keys.insert(key).second) {
-      c.fail("duplicate metadata key \"" + key + "\" (entry #" + std::to_string(i) + ")");
-    }
-    const uint32_t type_id = c.u32("value type of \"" + key + "\"");
-    GgufValueType type;
-    if (!value_type_from_id(type_id, &type)) {
-      c.fail("metadata \"" + key + "\" has unknown value type " + std::to_string(type_id) +
-             " at byte " + std::to_string(c.pos() - 4) + " (" + known_value_types() + ")");
-    }
-    GgufValue value = read_value(c, type, "value of \"" + key + "\"", options.keep_arrays);
-    h.metadata.emplace_back(std::move(key), std::move(value));
+  // ggml's reader: every count and length bounded by the bytes left in the file.
+  GgmlLogCapture capture;
+  CallbackReader reader{&read, file_bytes, nullptr};
+  gguf_init_params params{/*no_alloc =*/true, /*ctx =*/nullptr};
+  gguf_context* ctx =
+      gguf_init_from_callback(read_callback, &reader, size_t{8} << 20,
+                              std::min(file_bytes, options.max_header_bytes), params);
+  if (reader.error) {
+    if (ctx) gguf_free(ctx);
+    std::rethrow_exception(reader.error);
   }
-
-  if (const GgufValue* a = h.find("general.alignment")) {
-    // ggml requires a u32; accepting other types would read a file ggml itself refuses.
-    if (a->type != GgufValueType::kUint32 || a->u == 0 || (a->u & (a->u - 1)) != 0) {
-      c.fail("\"general.alignment\" must be a uint32 power of two, got " + brief(*a));
-    }
-    h.alignment = a->u;
+  if (!ctx) {
+    std::string why = capture.text();
+    if (why.empty()) why = "ggml's GGUF reader refused it";
+    fail(label, "not a valid GGUF file: " + why);
   }
+  std::unique_ptr<gguf_context, void (*)(gguf_context*)> owned(ctx, gguf_free);
 
-  std::unordered_set<std::string> names;
-  h.tensors.reserve(static_cast<size_t>(tensor_count));
-  for (uint64_t i = 0; i < tensor_count; i++) {
+  const int64_t n_kv = gguf_get_n_kv(ctx);
+  h.metadata.reserve(static_cast<size_t>(n_kv));
+  for (int64_t i = 0; i < n_kv; i++) {
+    h.metadata.emplace_back(gguf_get_key(ctx, i), value_of(ctx, i, options.keep_arrays));
+  }
+  h.alignment = gguf_get_alignment(ctx);
+  h.data_start = gguf_get_data_offset(ctx);
+  h.header_bytes = h.data_start;
+
+  const int64_t n_tensors = gguf_get_n_tensors(ctx);
+  h.tensors.reserve(static_cast<size_t>(n_tensors));
+  for (int64_t i = 0; i < n_tensors; i++) {
     GgufTensorInfo t;
-    t.name = c.string("name of tensor #" + std::to_string(i));
-    if (t.name.empty()) c.fail("tensor #" + std::to_string(i) + " has an empty name");
-    if (!names.insert(t.name).second) {
-      c.fail("duplicate tensor name \"" + t.name + "\" (tensor #" + std::to_string(i) + ")");
-    }
+    t.name = gguf_get_tensor_name(ctx, i);
     const std::string where = "tensor \"" + t.name + "\"";
-    const uint32_t dims = c.u32("dimension count of " + where);
-    if (dims == 0 || dims > kGgufMaxDims) {
-      c.fail(where + " has " + std::to_string(dims) + " dimensions; ggml allows 1 to " +
-             std::to_string(kGgufMaxDims));
+    const int64_t* ne = gguf_get_tensor_ne(ctx, i);
+    // ggml keeps 4 dimensions and no count: trailing ones are dropped, as ggml_n_dims does.
+    int dims = GGML_MAX_DIMS;
+    while (dims > 1 && ne[dims - 1] == 1) dims--;
+    for (int d = 0; d < dims; d++) {
+      if (static_cast<uint64_t>(ne[d]) > kMaxSafeInteger) {
+        fail(label, where + " has an absurd dimension ne[" + std::to_string(d) +
+                        "] = " + std::to_string(ne[d]) + "; corrupt");
+      }
+      t.ne.push_back(ne[d]);
     }
+    // ggml's own element-count check is skipped when the product wraps to ≤ 0 in int64 (ne
+    // {2^40, 2^40} passes with 0 bytes), so bound the product here.
     u128 elements = 1;
-    for (uint32_t d = 0; d < dims; d++) {
-      const uint64_t n = c.u64("ne[" + std::to_string(d) + "] of " + where);
-      if (n > kMaxSafeInteger) {
-        c.fail(where + " has an absurd dimension ne[" + std::to_string(d) +
-               "] = " + std::to_string(n) + "; corrupt");
+    for (int64_t n : t.ne) {
+      elements *= static_cast<uint64_t>(n);
+      if (elements > kMaxSafeInteger) {
+        fail(label, where + " has more elements (ne [" + ne_text(t.ne) +
+                        "]) than any file can hold; corrupt");
       }
-      t.ne.push_back(static_cast<int64_t>(n));
-      // Each factor is below 2^53 and the product is checked after every step, so 128 bits
-      // never overflow.
-      elements *= n;
-      if (elements > static_cast<u128>(INT64_MAX)) {
-        c.fail(where + " shape [" + ne_text(t.ne) + (d + 1 < dims ? ", …" : "") +
-               "] (ggml order) overflows int64");
-      }
-    }
-    const uint32_t type_id = c.u32("type of " + where);
-    t.type = ggml_type_info(type_id);
-    if (!t.type) {
-      const char* removed = ggml_removed_type_name(type_id);
-      c.fail(removed ? where + " has ggml type " + std::to_string(type_id) + " (" + removed +
-                           "), which ggml has removed; re-quantize the model"
-                     : where + " has unknown ggml type " + std::to_string(type_id));
-    }
-    t.offset = c.u64("data offset of " + where);
-    if (t.ne[0] % t.type->block != 0) {
-      c.fail(where + ": ne[0] = " + std::to_string(t.ne[0]) + " is not a multiple of the " +
-             t.type->name + " block size " + std::to_string(t.type->block) + " (shape [" +
-             ne_text(t.ne) + "], ggml order)");
-    }
-    const u128 bytes = elements == 0 ? 0 : elements / t.type->block * t.type->type_size;
-    if (t.offset > file_bytes || bytes > file_bytes) {
-      c.fail(where + " (" + t.type->name + " [" + ne_text(t.ne) + "], " + u128_text(bytes) +
-             " bytes at data offset " + std::to_string(t.offset) + ") runs past the end of the " +
-             std::to_string(file_bytes) + "-byte file; truncated or corrupt");
-    }
-    if (t.offset % h.alignment != 0) {
-      c.fail(where + " data offset " + std::to_string(t.offset) +
-             " is not a multiple of the alignment " + std::to_string(h.alignment));
     }
     t.shape.assign(t.ne.rbegin(), t.ne.rend());
-    t.end = static_cast<uint64_t>(bytes);  // the size, until the data section's start is known
-    h.tensors.push_back(std::move(t));
-  }
-
-  h.header_bytes = c.pos();
-  h.data_start = (h.header_bytes + h.alignment - 1) / h.alignment * h.alignment;
-  for (auto& t : h.tensors) {
-    const uint64_t bytes = t.end;
+    t.type = ggml_type_info(static_cast<uint32_t>(gguf_get_tensor_type(ctx, i)));
+    if (!t.type) fail(label, where + " has a ggml type this build does not know");
+    t.offset = gguf_get_tensor_offset(ctx, i);
+    const uint64_t bytes = gguf_get_tensor_size(ctx, i);
     const u128 end = static_cast<u128>(h.data_start) + t.offset + bytes;
     if (end > file_bytes) {
-      c.fail("tensor \"" + t.name + "\" (" + t.type->name + " [" + ne_text(t.ne) + "], " +
-             std::to_string(bytes) + " bytes) at data offset " + std::to_string(t.offset) +
-             " ends at byte " + u128_text(end) + ", past the end of the " +
-             std::to_string(file_bytes) + "-byte file; truncated?");
+      fail(label, where + " (" + t.type->name + " [" + ne_text(t.ne) + "], " +
+                      std::to_string(bytes) + " bytes) at data offset " + std::to_string(t.offset) +
+                      " ends at byte " + u128_text(end) + ", past the end of the " +
+                      std::to_string(file_bytes) + "-byte file; truncated?");
     }
     t.begin = h.data_start + t.offset;
     t.end = t.begin + bytes;
-  }
-  std::vector<const GgufTensorInfo*> by_begin;
-  for (const auto& t : h.tensors) {
-    if (t.nbytes() > 0) by_begin.push_back(&t);
-  }
-  std::stable_sort(
-      by_begin.begin(), by_begin.end(),
-      [](const GgufTensorInfo* a, const GgufTensorInfo* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < by_begin.size(); i++) {
-    const GgufTensorInfo& prev = *by_begin[i - 1];
-    const GgufTensorInfo& t = *by_begin[i];
-    if (t.begin < prev.end) {
-      c.fail("tensor \"" + t.name + "\" data [" + std::to_string(t.offset) + ", " +
-             std::to_string(t.offset + t.nbytes()) + ") overlaps tensor \"" + prev.name + "\" [" +
-             std::to_string(prev.offset) + ", " + std::to_string(prev.offset + prev.nbytes()) +
-             ")");
-    }
+    h.tensors.push_back(std::move(t));
   }
   return h;
 }

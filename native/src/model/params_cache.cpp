@@ -392,6 +392,7 @@ void ParamsCache::worker_loop() {
         job->data = data;
         job->alloc_bytes = bytes;
         host_bytes_ += bytes;
+        host_peak_bytes_ = std::max(host_peak_bytes_, host_bytes_);
       }
       if (job->error || job->chunks.empty()) {
         job->next = job->chunks.size();
@@ -721,6 +722,7 @@ LoadStats ParamsCache::stats() const {
   LoadStats s = stats_;
   if (busy_jobs_ > 0) s.read_seconds += now_seconds() - busy_since_;
   s.host_bytes = host_bytes_;
+  s.host_peak_bytes = host_peak_bytes_;
   s.direct_io = direct_fd_ >= 0;
   for (size_t i = 0; i < entries_.size(); i++) {
     s.loaded[i] = entries_[i]->state == Entry::State::kReady;
@@ -729,6 +731,13 @@ LoadStats ParamsCache::stats() const {
     if (job->next == 0 && !job->allocating && !job->data) s.queued.push_back(job->index);
   }
   return s;
+}
+
+uint64_t ParamsCache::take_host_peak() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t peak = host_peak_bytes_;
+  host_peak_bytes_ = host_bytes_;
+  return peak;
 }
 
 void ParamsCache::set_backend(Backend backend) {

@@ -11,8 +11,8 @@
 #include <limits>
 #include <set>
 
-#include "ferry/dtype.h"
 #include "ferry/errors.h"
+#include "ggml.h"
 #include "json.h"
 
 namespace ferry {
@@ -341,6 +341,22 @@ double f8_e4m3_to_f64(uint8_t b) {
     v = std::ldexp(1.0 + mant / 8.0, exp - 7);
   }
   return sign ? -v : v;
+}
+
+}  // namespace
+
+namespace {
+
+float f16_to_f32(uint16_t h) {
+  ggml_fp16_t f;
+  std::memcpy(&f, &h, 2);
+  return ggml_fp16_to_fp32(f);
+}
+
+float bf16_to_f32(uint16_t h) {
+  ggml_bf16_t b;
+  std::memcpy(&b, &h, 2);
+  return ggml_bf16_to_fp32(b);
 }
 
 }  // namespace

@@ -7,11 +7,12 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <type_traits>
 #include <utility>
 
-#include "ferry/checksum.h"
 #include "ferry/errors.h"
+#include "ferry/sampler.h"
+#include "ferry/xxhash.h"
+#include "job_graphs.h"
 
 namespace ferry {
 
@@ -30,95 +31,19 @@ void initial_input(uint64_t seed, float* out, size_t n) {
   }
 }
 
+const char* execution_name(Execution execution) {
+  switch (execution) {
+    case Execution::kSerial:
+      return "serial";
+    case Execution::kLookahead:
+      return "lookahead";
+    case Execution::kPooled:
+      return "pooled";
+  }
+  return "unknown";
+}
+
 namespace {
-
-// ---- the params cache's loading API, where the model offers it ----
-// DitModel (model.h) is gaining release_params(index), prefetch(order) and load_all(). The runner
-// calls them where they exist and otherwise falls back to what prepare_params alone can do
-// (detected at compile time, so this file builds against either version of model.h).
-template <typename M, typename = void>
-struct HasReleaseParams : std::false_type {};
-template <typename M>
-struct HasReleaseParams<M, std::void_t<decltype(std::declval<M&>().release_params(size_t{}))>>
-    : std::true_type {};
-template <typename M, typename = void>
-struct HasLoadAll : std::false_type {};
-template <typename M>
-struct HasLoadAll<M, std::void_t<decltype(std::declval<M&>().load_all())>> : std::true_type {};
-template <typename M, typename = void>
-struct HasPrefetch : std::false_type {};
-template <typename M>
-struct HasPrefetch<M, std::void_t<decltype(std::declval<M&>().prefetch(
-                          std::declval<const std::vector<size_t>&>()))>> : std::true_type {};
-
-// Disk backend: the host copy of base segment `index` is not needed until its next use.
-template <typename M>
-void release_host_params(M& model, size_t index) {
-  if constexpr (HasReleaseParams<M>::value) {
-    model.release_params(index);
-  } else {
-    (void)model;
-    (void)index;  // a params cache without release keeps everything, as the cpu backend does
-  }
-}
-
-// Eager loading: every base segment in host memory before step 1.
-template <typename M>
-void load_all_params(M& model) {
-  if constexpr (HasLoadAll<M>::value) {
-    model.load_all();
-  } else {
-    for (size_t b = 0; b < model.base_segments().size(); b++) model.prepare_params(b);
-  }
-}
-
-// Background loading through the model's own reader; false if it has none.
-template <typename M>
-bool model_prefetch(M& model, const std::vector<size_t>& order) {
-  if constexpr (HasPrefetch<M>::value) {
-    model.prefetch(order);
-    return true;
-  } else {
-    (void)model;
-    (void)order;
-    return false;
-  }
-}
-
-// Without the model's reader: a thread of the run's own reads base segments in plan order, so
-// prepare_params finds them in host memory (the cache serialises concurrent loads of a segment).
-class BackgroundLoader {
- public:
-  BackgroundLoader(DitModel& model, std::vector<size_t> order)
-      : thread_([this, &model, order = std::move(order)] {
-          for (size_t b : order) {
-            if (stop_.load()) return;
-            try {
-              model.prepare_params(b);
-            } catch (...) {
-              // The run's own prepare_params of this segment reports the failure, in context.
-              return;
-            }
-          }
-        }) {}
-  ~BackgroundLoader() {
-    stop_.store(true);
-    thread_.join();
-  }
-
- private:
-  std::atomic<bool> stop_{false};
-  std::thread thread_;
-};
-
-// Sizes of activations and buffers, refusing requests whose byte counts would overflow.
-uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
-  unsigned __int128 p = static_cast<unsigned __int128>(a) * b;
-  if (p > (static_cast<unsigned __int128>(1) << 62)) {
-    throw InvalidArgumentError(std::string("run: ") + what + " is too large");
-  }
-  return static_cast<uint64_t>(p);
-}
 
 // One entry of the plan, resolved against the model.
 struct MergedSegment {
@@ -126,7 +51,6 @@ struct MergedSegment {
   size_t first = 0;
   size_t last = 0;
   bool resident = false;
-  uint64_t compute_buffer_bytes = 0;
   uint64_t param_bytes = 0;
   uint64_t device_bytes = 0;             // the members' packed buffers back to back
   std::vector<uint64_t> member_offsets;  // of each member inside such a buffer
@@ -137,14 +61,6 @@ std::string describe(const MergedSegment& s) {
   return "segment " + std::to_string(s.index) + " (" + s.label + ")";
 }
 
-TensorView view(const uint8_t* base, const SegmentTensor& t) {
-  TensorView v;
-  v.data = base + t.packed_offset;
-  v.dtype = t.dtype;
-  v.shape = t.shape;
-  return v;
-}
-
 // Host params of a merged segment's members, as prepare_params left them.
 struct Prepared {
   std::vector<const uint8_t*> host;  // per member (null where not prepared)
@@ -153,15 +69,78 @@ struct Prepared {
   double end_us = 0;
 };
 
-// What both execution modes share: the request checked against the model, the carried
-// activations, the params and copy plumbing, and the model's forwards over a merged segment.
+RunEvent make_event(EventKind kind, const MergedSegment& seg, double start, double end,
+                    uint64_t bytes) {
+  RunEvent e;
+  e.kind = kind;
+  e.segment = seg.index;
+  e.start_us = start;
+  e.end_us = end;
+  e.bytes = bytes;
+  return e;
+}
+
+RunEvent prepare_event(const MergedSegment& seg, const Prepared& p, uint64_t bytes) {
+  RunEvent e = make_event(EventKind::kPrepareParams, seg, p.start_us, p.end_us, bytes);
+  e.cold = p.disk_bytes > 0 ? Cold::kTrue : Cold::kFalse;
+  e.source = p.disk_bytes > 0 ? ParamSource::kDisk : ParamSource::kHost;
+  return e;
+}
+
+// A step's report, with compute and copy events completed later (a GPU runs ahead of the host):
+// their times are filled in when the step ends.
+struct PendingStep {
+  StepReport report;
+  struct Timed {
+    size_t event;  // index in report.events
+    EventPtr done;
+  };
+  std::vector<Timed> timed;
+  void add(RunEvent event, EventPtr done) {
+    report.events.push_back(event);
+    timed.push_back({report.events.size() - 1, std::move(done)});
+  }
+  // Waits for the step's work, fills in its times, the segments' spans and the stalls.
+  void finish() {
+    for (Timed& t : timed) {
+      t.done->wait();
+      report.events[t.event].start_us = t.done->start_us();
+      report.events[t.event].end_us = t.done->end_us();
+    }
+    double last_compute_end = report.start_us;
+    for (RunEvent& e : report.events) {
+      if (e.kind != EventKind::kCompute) continue;
+      e.stall_us = std::max(0.0, e.start_us - last_compute_end);
+      report.stall_us += e.stall_us;
+      last_compute_end = e.end_us;
+    }
+    for (RunEvent& head : report.events) {
+      if (head.kind != EventKind::kSegment) continue;
+      double start = 0, end = 0;
+      bool any = false;
+      for (const RunEvent& e : report.events) {
+        if (e.segment != head.segment || e.kind == EventKind::kSegment) continue;
+        start = any ? std::min(start, e.start_us) : e.start_us;
+        end = any ? std::max(end, e.end_us) : e.end_us;
+        any = true;
+      }
+      if (any) {
+        head.start_us = start;
+        head.end_us = end;
+      }
+    }
+  }
+};
+
+// What every execution mode shares: the request checked against the model, the job's graphs and
+// activations, the params and copy plumbing, and the forward over a merged segment.
 class RunBase {
  public:
-  RunBase(Device& device, DitModel& model, const RunRequest& request,
-          const std::atomic<bool>* cancel)
+  RunBase(Device& device, Model& model, const RunRequest& request, const std::atomic<bool>* cancel)
       : device_(device), model_(model), request_(request), cancel_(cancel) {
     validate();
   }
+  virtual ~RunBase() = default;
 
  protected:
   // Device memory, making room by evicting cached weights no job holds when it does not fit, and
@@ -179,24 +158,67 @@ class RunBase {
     }
   }
 
-  // z, x, y on the device and z's initial value copied there.
+  // The graphs, the activations on the device with their initial values, the sampler.
   void start_job() {
-    const auto& md = model_.dims();
-    z_count_ = rows_ * static_cast<uint64_t>(md.channels);
-    const uint64_t x_count = rows_ * static_cast<uint64_t>(md.hidden);
+    graphs_ = std::make_unique<JobGraphs>(model_.arch(), request_.job, &model_.base_segments());
+    SamplerOptions sampler = request_.sampler;
+    sampler.steps = request_.steps;
+    driver_ = model_.arch().step_driver(request_.job, sampler);
     auto at_start = [] { return std::string("run: job start"); };
-    z_ = allocate(checked_mul(z_count_, 4, "z"), "the latent z", at_start);
-    x_ = allocate(checked_mul(x_count, 4, "x"), "the hidden state x", at_start);
-    y_ = allocate(checked_mul(z_count_, 4, "y"), "the model output y", at_start);
-
-    std::vector<float> generated;
-    const float* z0 = request_.input.data();
-    if (request_.input.empty()) {
-      generated.resize(z_count_);
-      initial_input(request_.seed, generated.data(), generated.size());
-      z0 = generated.data();
+    activations_ = allocate(graphs_->activation_bytes(device_.tensor_alignment()),
+                            "the activations", at_start);
+    // The compute buffer may evict cached weights too; gallocr's own failure names the sizes.
+    for (;;) {
+      try {
+        graphs_->allocate(device_, activations_.data());
+        break;
+      } catch (const DeviceOutOfMemoryError&) {
+        if (!device_.residency().evict_one_unused()) throw;
+        graphs_ = std::make_unique<JobGraphs>(model_.arch(), request_.job, &model_.base_segments());
+      }
     }
-    device_.wait(device_.copy_stream().copy_async(z_.data(), z0, z_count_ * 4));
+    set_inputs();
+  }
+
+  void set_inputs() {
+    using Role = ActivationSpec::Role;
+    HostTensors host;
+    uint64_t generated = 0;
+    for (const ActivationSpec& a : graphs_->activation_specs()) {
+      if (a.role != Role::kInput && a.role != Role::kLatent) continue;
+      const auto given = request_.inputs.find(a.name);
+      std::vector<float>& values = host[a.name];
+      if (given != request_.inputs.end()) {
+        values = given->second;
+      } else {
+        model_.arch().generate_input(a, request_.seed + (generated << 32), values);
+      }
+      generated++;
+    }
+    model_.arch().prepare_job(request_.job, host);
+    for (const ActivationSpec& a : graphs_->activation_specs()) {
+      const auto it = host.find(a.name);
+      if (it == host.end()) continue;
+      set_activation(a, it->second);
+    }
+  }
+
+  void set_activation(const ActivationSpec& a, const std::vector<float>& values) {
+    if (values.size() != static_cast<size_t>(a.elements())) {
+      throw InvalidArgumentError("run: input \"" + a.name + "\" has " +
+                                 std::to_string(values.size()) + " values, expected " +
+                                 std::to_string(a.elements()));
+    }
+    device_.tensor_set(graphs_->activation(a.name), values.data(), 0, values.size() * 4);
+  }
+
+  // The sampler's per-step inputs (a timestep), before the step's first segment computes.
+  void before_step(int64_t step) {
+    for (const auto& [name, values] : driver_->step_inputs(step)) {
+      for (const ActivationSpec& a : graphs_->activation_specs()) {
+        if (a.name == name) set_activation(a, values);
+      }
+    }
   }
 
   // Starts eager or background loading, as the request asks.
@@ -206,35 +228,34 @@ class RunBase {
       case LoadMode::kLazy:
         break;
       case LoadMode::kEager:
-        load_all_params(model_);
+        model_.load_all();
         break;
       case LoadMode::kBackground: {
         // The disk backend keeps host memory to the segments in flight; a reader running ahead
         // would hold the whole model, so with it segments are read when needed.
         if (request_.params_backend == ParamsBackend::kDisk) break;
-        // Plan order: the order the first step needs them in.
         std::vector<size_t> order(n);
         for (size_t b = 0; b < n; b++) order[b] = b;
-        if (!model_prefetch(model_, order)) {
-          loader_ = std::make_unique<BackgroundLoader>(model_, std::move(order));
-        }
+        model_.prefetch(order);
         break;
       }
     }
   }
 
-  void euler_step() {
-    const float dt = 1.0f / static_cast<float>(request_.steps);
-    device_.euler_update(static_cast<float*>(z_.data()), static_cast<const float*>(y_.data()),
-                         z_count_, dt);
-    device_.compute_stream().synchronize();
+  EventPtr step_update(int64_t step) {
+    return device_.compute(graphs_->update_graph(*driver_, step));
   }
 
   RunOutput finish() {
     RunOutput out;
-    out.output.resize(z_count_);
-    device_.wait(device_.copy_stream().copy_async(out.output.data(), z_.data(), z_count_ * 4));
-    out.shape = {request_.batch, request_.tokens, model_.dims().channels};
+    for (const ActivationSpec& a : graphs_->activation_specs()) {
+      if (a.role != ActivationSpec::Role::kLatent) continue;
+      out.name = a.name;
+      out.output.resize(static_cast<size_t>(a.elements()));
+      device_.tensor_get(graphs_->activation(a.name), out.output.data(), 0, out.output.size() * 4);
+      for (int d = a.n_dims - 1; d >= 0; d--) out.shape.push_back(a.ne[d]);
+    }
+    out.compute_buffer_bytes = graphs_->compute_buffer_bytes();
     return out;
   }
 
@@ -253,7 +274,7 @@ class RunBase {
     for (size_t b = seg.first; b <= seg.last; b++) {
       const size_t i = b - seg.first;
       if (!want.empty() && !want[i]) continue;
-      const DitModel::HostParams hp = model_.prepare_params(b);
+      const Model::HostParams hp = model_.prepare_params(b);
       p.host[i] = hp.data;
       p.disk_bytes += hp.disk_bytes;
     }
@@ -262,7 +283,8 @@ class RunBase {
   }
 
   // The copy of the prepared members to `dst[i]`, tensor by tensor so exactly the weights' bytes
-  // cross the link (not the packing padding), queued as one transfer.
+  // cross the link (with the zero padding a GPU's quantized rows need, not the packing gaps),
+  // queued as one transfer.
   EventPtr queue_copy(const MergedSegment& seg, const std::vector<const uint8_t*>& host,
                       const std::vector<uint8_t*>& dst) {
     const auto& base = model_.base_segments();
@@ -272,10 +294,15 @@ class RunBase {
       if (!host[i]) continue;
       for (const SegmentTensor& t : base[b].tensors) {
         regions.push_back(
-            CopyRegion{dst[i] + t.packed_offset, host[i] + t.packed_offset, t.nbytes});
+            CopyRegion{dst[i] + t.packed_offset, host[i] + t.packed_offset, t.span_bytes});
       }
     }
     return device_.copy_stream().copy_batch_async(regions.data(), regions.size());
+  }
+
+  // The verify option, and the disk backend's release of host params, need the copy done.
+  bool copies_need_host_wait() const {
+    return request_.verify || request_.params_backend == ParamsBackend::kDisk;
   }
 
   // verify: the device copy of each copied member against its host params' checksum, taken at
@@ -284,18 +311,21 @@ class RunBase {
                    const std::vector<uint8_t*>& dst) {
     if (!request_.verify) return;
     const auto& base = model_.base_segments();
+    std::vector<uint8_t> copy;
     for (size_t b = seg.first; b <= seg.last; b++) {
       const size_t i = b - seg.first;
       if (!host[i]) continue;
       std::vector<uint64_t>& expected = checksums_[b];
       if (expected.empty()) {
         for (const SegmentTensor& t : base[b].tensors) {
-          expected.push_back(checksum64(host[i] + t.packed_offset, t.nbytes));
+          expected.push_back(xxhash64(host[i] + t.packed_offset, t.nbytes, 0));
         }
       }
       for (size_t k = 0; k < base[b].tensors.size(); k++) {
         const SegmentTensor& t = base[b].tensors[k];
-        const uint64_t got = device_.checksum(dst[i] + t.packed_offset, t.nbytes);
+        copy.resize(t.nbytes);
+        device_.read(dst[i] + t.packed_offset, copy.data(), t.nbytes);
+        const uint64_t got = xxhash64(copy.data(), t.nbytes, 0);
         if (got != expected[k]) {
           throw IntegrityError("run: step " + std::to_string(step) + ", " + describe(seg) +
                                ": the device copy of " + t.name + " (" + std::to_string(t.nbytes) +
@@ -311,271 +341,249 @@ class RunBase {
   void release_copied(const MergedSegment& seg, const std::vector<const uint8_t*>& host) {
     if (request_.params_backend != ParamsBackend::kDisk) return;
     for (size_t b = seg.first; b <= seg.last; b++) {
-      if (host[b - seg.first]) release_host_params(model_, b);
+      if (host[b - seg.first]) model_.release_params(b);
     }
   }
 
-  // The members' forwards, in order, queued on the compute stream; `params[i]` holds member i's
-  // packed weights on the device.
-  void forward(const MergedSegment& seg, const std::vector<const uint8_t*>& params, void* scratch) {
-    auto* z = static_cast<float*>(z_.data());
-    auto* x = static_cast<float*>(x_.data());
-    auto* y = static_cast<float*>(y_.data());
-    const auto& base = model_.base_segments();
+  // The members' graphs, in order, on the compute side; `params[i]` holds member i's packed
+  // weights on the device. Returns the last compute's event (its start is the first's).
+  EventPtr forward(const MergedSegment& seg, const std::vector<const uint8_t*>& params) {
+    EventPtr first, last;
     for (size_t b = seg.first; b <= seg.last; b++) {
-      const uint8_t* w = params[b - seg.first];
-      const auto& t = base[b].tensors;
-      switch (base[b].kind) {
-        case SegmentKind::kPrelude: {
-          PreludeWeights pw{view(w, t[0]), view(w, t[1])};
-          device_.prelude_forward(dims_, pw, z, x, scratch);
-          break;
-        }
-        case SegmentKind::kBlock: {
-          BlockWeights bw{view(w, t[0]), view(w, t[1]), view(w, t[2]), view(w, t[3]),
-                          view(w, t[4]), view(w, t[5]), view(w, t[6]), view(w, t[7]),
-                          view(w, t[8]), view(w, t[9])};
-          device_.block_forward(dims_, bw, x, scratch);
-          break;
-        }
-        case SegmentKind::kFinal: {
-          FinalWeights fw{view(w, t[0]), view(w, t[1]), view(w, t[2])};
-          device_.final_forward(dims_, fw, x, y, scratch);
-          break;
-        }
-      }
+      last = device_.compute(graphs_->bind(device_, b, params[b - seg.first]));
+      if (!first) first = last;
     }
+    if (first == last) return last;
+    return std::make_shared<SpanEvent>(first, last);
   }
+
+  // A merged segment's computes as one event: from the first member's start to the last's end.
+  class SpanEvent final : public Event {
+   public:
+    SpanEvent(EventPtr first, EventPtr last) : first_(std::move(first)), last_(std::move(last)) {}
+    bool ready() const override { return last_->ready(); }
+    void wait() override {
+      first_->wait();
+      last_->wait();
+    }
+    double start_us() const override { return first_->start_us(); }
+    double end_us() const override { return last_->end_us(); }
+
+   private:
+    EventPtr first_, last_;
+  };
 
   Device& device_;
-  DitModel& model_;
+  Model& model_;
   const RunRequest& request_;
   const std::atomic<bool>* cancel_;
-  DitDims dims_;
-  uint64_t rows_ = 0;
-  uint64_t z_count_ = 0;
   std::vector<MergedSegment> plan_;
-  DeviceBuffer z_, x_, y_;
+  std::unique_ptr<JobGraphs> graphs_;
+  std::unique_ptr<StepDriver> driver_;
+  DeviceBuffer activations_;
   std::vector<std::vector<uint64_t>> checksums_;  // verify: per base segment, per tensor
-  std::unique_ptr<BackgroundLoader> loader_;
 
  private:
   void validate() {
     const auto& r = request_;
-    if (r.batch < 1 || r.tokens < 1 || r.steps < 1) {
-      throw InvalidArgumentError("run: batch, tokens and steps must be ≥ 1 (got batch " +
-                                 std::to_string(r.batch) + ", tokens " + std::to_string(r.tokens) +
-                                 ", steps " + std::to_string(r.steps) + ")");
+    if (r.steps < 1) {
+      throw InvalidArgumentError("run: steps must be ≥ 1 (got " + std::to_string(r.steps) + ")");
     }
-    if (r.slots > kMaxSlots) {
-      throw InvalidArgumentError("run: slots must be between 0 and " + std::to_string(kMaxSlots) +
-                                 " (got " + std::to_string(r.slots) + ")");
+    model_.arch().check_job(r.job);
+    if (r.execution == Execution::kPooled ? (r.slots < 1 || r.slots > kMaxSlots) : r.slots != 0) {
+      throw InvalidArgumentError(
+          std::string("run: ") + execution_name(r.execution) + " execution takes " +
+          (r.execution == Execution::kPooled ? "1 to " + std::to_string(kMaxSlots) : "no") +
+          " staging slots (got " + std::to_string(r.slots) + ")");
     }
-    rows_ = checked_mul(static_cast<uint64_t>(r.batch), static_cast<uint64_t>(r.tokens),
-                        "batch × tokens");
-    const auto& md = model_.dims();
-    // Every activation size the kernels compute must be representable.
-    checked_mul(checked_mul(rows_, static_cast<uint64_t>(md.hidden), "the activations"), 16,
-                "the activations");
-    checked_mul(checked_mul(static_cast<uint64_t>(md.heads), static_cast<uint64_t>(r.tokens),
-                            "the attention scores"),
-                static_cast<uint64_t>(r.tokens) * 4, "the attention scores");
-    checked_mul(rows_, static_cast<uint64_t>(md.channels) * 4, "the latent");
-    const uint64_t z_count = rows_ * static_cast<uint64_t>(md.channels);
-    if (!r.input.empty() && r.input.size() != z_count) {
-      throw InvalidArgumentError("run: input has " + std::to_string(r.input.size()) +
-                                 " values, expected batch·tokens·channels = " +
-                                 std::to_string(r.batch) + "·" + std::to_string(r.tokens) + "·" +
-                                 std::to_string(md.channels) + " = " + std::to_string(z_count));
-    }
-    dims_ = job_dims(md, r.batch, r.tokens);
-
-    const auto& base = model_.base_segments();
-    const int64_t n = static_cast<int64_t>(base.size());
-    checksums_.resize(base.size());
-    if (r.segments.empty()) throw InvalidArgumentError("run: the plan has no segments");
-    int64_t next = 0;
-    for (size_t k = 0; k < r.segments.size(); k++) {
-      const PlanSegment& p = r.segments[k];
-      const std::string at = "run: plan segment " + std::to_string(k);
-      if (p.first_base != next) {
-        throw InvalidArgumentError(at + " starts at base segment " + std::to_string(p.first_base) +
-                                   ", expected " + std::to_string(next) +
-                                   " (segments must cover base segments 0.." +
-                                   std::to_string(n - 1) + " in order, each exactly once)");
+    // The packed layout must suit this device's memory: tensors aligned as it wants and spanning
+    // what it allocates (a GPU pads quantized rows).
+    const size_t alignment = device_.tensor_alignment();
+    for (const BaseSegment& seg : model_.base_segments()) {
+      for (const SegmentTensor& t : seg.tensors) {
+        const ggml_tensor desc = tensor_descriptor(t);
+        if (t.packed_offset % alignment != 0 || t.span_bytes < device_.tensor_alloc_size(&desc)) {
+          throw InvalidArgumentError("run: the model was laid out for " + model_.layout_name() +
+                                     " memory, which does not suit " + device_.backend_name() +
+                                     " (open the model for this device)");
+        }
       }
-      if (p.last_base < p.first_base || p.last_base >= n) {
-        throw InvalidArgumentError(at + " ends at base segment " + std::to_string(p.last_base) +
-                                   ", outside " + std::to_string(p.first_base) + ".." +
-                                   std::to_string(n - 1));
+    }
+    const auto& base = model_.base_segments();
+    if (r.segments.empty()) throw InvalidArgumentError("run: the plan has no segments");
+    int64_t expected_first = 0;
+    for (size_t i = 0; i < r.segments.size(); i++) {
+      const PlanSegment& s = r.segments[i];
+      if (s.first_base != expected_first || s.last_base < s.first_base ||
+          s.last_base >= static_cast<int64_t>(base.size())) {
+        throw InvalidArgumentError("run: plan segment " + std::to_string(i) +
+                                   " covers base segments " + std::to_string(s.first_base) + ".." +
+                                   std::to_string(s.last_base) + "; segments must cover 0.." +
+                                   std::to_string(base.size() - 1) +
+                                   " in order, each exactly once");
       }
       MergedSegment m;
-      m.index = static_cast<int32_t>(k);
-      m.first = static_cast<size_t>(p.first_base);
-      m.last = static_cast<size_t>(p.last_base);
-      m.resident = p.resident;
-      m.compute_buffer_bytes = p.compute_buffer_bytes;
-      m.label = base[m.first].name + (m.first == m.last ? "" : ".." + base[m.last].name);
-      uint64_t needed = 0;
+      m.index = static_cast<int32_t>(i);
+      m.first = static_cast<size_t>(s.first_base);
+      m.last = static_cast<size_t>(s.last_base);
+      m.resident = s.resident;
       for (size_t b = m.first; b <= m.last; b++) {
         m.member_offsets.push_back(m.device_bytes);
         m.device_bytes += align_up(base[b].packed_bytes, kPackAlignment);
         m.param_bytes += base[b].param_bytes;
-        needed = std::max<uint64_t>(needed, segment_scratch_bytes(base[b].kind, dims_));
       }
-      if (m.compute_buffer_bytes < needed) {
-        throw InvalidArgumentError(at + " (" + m.label + ") has computeBufferBytes " +
-                                   std::to_string(m.compute_buffer_bytes) + ", below the " +
-                                   std::to_string(needed) + " bytes its kernels need for batch " +
-                                   std::to_string(r.batch) + " × tokens " +
-                                   std::to_string(r.tokens));
-      }
+      m.label = base[m.first].name + (m.last > m.first ? ".." + base[m.last].name : "");
       plan_.push_back(std::move(m));
-      next = p.last_base + 1;
+      expected_first = s.last_base + 1;
     }
-    if (next != n) {
+    if (expected_first != static_cast<int64_t>(base.size())) {
       throw InvalidArgumentError("run: the plan covers base segments 0.." +
-                                 std::to_string(next - 1) + " but the model has 0.." +
-                                 std::to_string(n - 1));
+                                 std::to_string(expected_first - 1) + " of 0.." +
+                                 std::to_string(base.size() - 1));
     }
+    checksums_.resize(base.size());
   }
 };
 
-RunEvent make_event(EventKind kind, const MergedSegment& seg, double start, double end,
-                    uint64_t bytes) {
-  RunEvent e;
-  e.kind = kind;
-  e.segment = seg.index;
-  e.start_us = start;
-  e.end_us = end;
-  e.bytes = bytes;
-  return e;
-}
-
-RunEvent prepare_event(const MergedSegment& seg, const Prepared& p, uint64_t bytes) {
-  RunEvent e = make_event(EventKind::kPrepareParams, seg, p.start_us, p.end_us, bytes);
-  e.source = p.disk_bytes > 0 ? ParamSource::kDisk : ParamSource::kHost;
-  e.cold = p.disk_bytes > 0 ? Cold::kTrue : Cold::kFalse;
-  return e;
-}
-
-// ==== slots = 0: sd.cpp's serial policy ====
-// Per step, per merged segment: prepare params, allocate, copy (synchronous), compute (with a
-// freshly allocated compute buffer), free. Resident segments are uploaded at first use and kept
-// for this job only; nothing is shared with later jobs.
-class SerialRun : public RunBase {
+// ==== serial (sd.cpp before #1905) and lookahead (sd.cpp after #1905) ====
+// Per step, per merged segment: prepare, allocate, copy, compute, free — the lookahead queues the
+// next streamed segment's copy into its own fresh buffer before computing the current one.
+class FreshRun : public RunBase {
  public:
-  using RunBase::RunBase;
-
-  ~SerialRun() {
-    // Nothing may still be copying into buffers about to be freed (only on an error path; the
-    // normal path waits for every copy it queues).
-    try {
-      device_.copy_stream().synchronize();
-    } catch (...) {
-    }
-  }
+  FreshRun(Device& device, Model& model, const RunRequest& request, const std::atomic<bool>* cancel)
+      : RunBase(device, model, request, cancel) {}
 
   RunOutput run(const StepObserver& on_step) {
     start_job();
     start_loading();
     resident_.resize(plan_.size());
+    const bool lookahead = request_.execution == Execution::kLookahead;
     for (int64_t step = 1; step <= request_.steps; step++) {
-      StepReport report;
-      report.step = step;
+      PendingStep pending;
+      pending.report.step = step;
       device_.reset_window_peak();
-      report.start_us = wall_clock_us();
-      last_compute_end_ = report.start_us;
-      for (const MergedSegment& seg : plan_) run_segment(step, seg, report);
-      euler_step();
-      report.end_us = wall_clock_us();
-      report.arena_peak_bytes = device_.memory_stats().window_peak_bytes;
-      if (on_step) on_step(std::move(report));
+      pending.report.start_us = wall_clock_us();
+      before_step(step);
+      Copy ahead;  // the next streamed segment's copy, queued during this one's compute
+      for (size_t k = 0; k < plan_.size(); k++) {
+        const MergedSegment& seg = plan_[k];
+        check_cancel(step, seg);
+        pending.report.events.push_back(
+            make_event(EventKind::kSegment, seg, 0, 0, seg.param_bytes));
+        const size_t head = pending.report.events.size() - 1;
+        Copy current;
+        if (needs_upload(seg)) {
+          current = ahead.seg == &seg ? std::move(ahead) : start_copy(step, seg);
+          ahead = Copy{};
+          finish_copy(step, current, pending);
+        }
+        pending.report.events[head].source =
+            current.seg ? current.prepared.disk_bytes > 0 ? ParamSource::kDisk : ParamSource::kHost
+                        : ParamSource::kResident;
+        if (lookahead) {
+          for (size_t n = k + 1; n < plan_.size(); n++) {
+            if (!needs_upload(plan_[n])) continue;
+            ahead = try_start_copy(step, plan_[n]);
+            break;
+          }
+        }
+        const std::vector<const uint8_t*> params =
+            members(current.seg ? current.buffer : resident_[seg.index], seg);
+        EventPtr done = forward(seg, params);
+        pending.add(make_event(EventKind::kCompute, seg, 0, 0, seg.param_bytes), done);
+        // sd.cpp waits for each segment's compute before freeing its weights.
+        done->wait();
+        if (current.seg && seg.resident) resident_[seg.index] = std::move(current.buffer);
+      }
+      step_update(step)->wait();
+      pending.finish();
+      pending.report.end_us = wall_clock_us();
+      const MemoryStats memory = device_.memory_stats();
+      pending.report.arena_peak_bytes = memory.window_peak_bytes;
+      pending.report.allocations = memory.allocations;
+      pending.report.host_peak_bytes = model_.params_cache().take_host_peak();
+      if (on_step) on_step(std::move(pending.report));
     }
     return finish();
   }
 
  private:
-  void run_segment(int64_t step, const MergedSegment& seg, StepReport& report) {
-    check_cancel(step, seg);
-    const size_t segment_event = report.events.size();
-    report.events.push_back(
-        make_event(EventKind::kSegment, seg, wall_clock_us(), 0, seg.param_bytes));
+  struct Copy {
+    const MergedSegment* seg = nullptr;
+    Prepared prepared;
+    DeviceBuffer buffer;
+    EventPtr done;
+    double queued_us = 0;
+  };
 
-    ParamSource source = ParamSource::kResident;
-    DeviceBuffer streamed;  // this step's copy of a streamed segment's weights
-    const uint8_t* params;
-    if (seg.resident && resident_[seg.index]) {
-      params = static_cast<const uint8_t*>(resident_[seg.index].data());
-    } else {
-      // a. Every member's weights in the host params cache, read from the file on first use.
-      const Prepared p = prepare(seg, {});
-      report.events.push_back(prepare_event(seg, p, seg.param_bytes));
-      report.disk_bytes += p.disk_bytes;
-      source = report.events.back().source;
-      // b. A fresh device buffer holding the members' packed weights, copied on the copy stream
-      // and waited for (the h2d event spans the allocation and the copy, as sd.cpp's does).
-      const double h2d_start = wall_clock_us();
-      DeviceBuffer copy = allocate(seg.device_bytes, "the weights", [&] {
-        return "run: step " + std::to_string(step) + ", " + describe(seg);
-      });
-      auto* dst = static_cast<uint8_t*>(copy.data());
-      std::vector<uint8_t*> dsts;
-      for (uint64_t offset : seg.member_offsets) dsts.push_back(dst + offset);
-      device_.wait(queue_copy(seg, p.host, dsts));
-      report.events.push_back(
-          make_event(EventKind::kH2D, seg, h2d_start, wall_clock_us(), seg.param_bytes));
-      report.h2d_bytes += seg.param_bytes;
-      verify_copy(step, seg, p.host, dsts);
-      release_copied(seg, p.host);
-      params = dst;
-      if (seg.resident) {
-        resident_[seg.index] = std::move(copy);
-      } else {
-        streamed = std::move(copy);
-      }
+  bool needs_upload(const MergedSegment& seg) const {
+    return !seg.resident || !resident_[seg.index];
+  }
+
+  std::vector<const uint8_t*> members(const DeviceBuffer& buffer, const MergedSegment& seg) const {
+    std::vector<const uint8_t*> out;
+    for (uint64_t offset : seg.member_offsets) {
+      out.push_back(static_cast<const uint8_t*>(buffer.data()) + offset);
     }
+    return out;
+  }
 
-    // c. The members' forwards, with a freshly allocated compute buffer.
-    const double compute_start = wall_clock_us();
-    DeviceBuffer scratch;
-    if (seg.compute_buffer_bytes > 0) {
-      scratch = allocate(seg.compute_buffer_bytes, "the compute buffer", [&] {
-        return "run: step " + std::to_string(step) + ", " + describe(seg);
-      });
+  std::vector<uint8_t*> dsts(const Copy& c) const {
+    std::vector<uint8_t*> out;
+    for (uint64_t offset : c.seg->member_offsets) {
+      out.push_back(static_cast<uint8_t*>(c.buffer.data()) + offset);
     }
-    std::vector<const uint8_t*> members;
-    for (uint64_t offset : seg.member_offsets) members.push_back(params + offset);
-    forward(seg, members, scratch.data());
-    device_.compute_stream().synchronize();
-    const double compute_end = wall_clock_us();
-    RunEvent compute =
-        make_event(EventKind::kCompute, seg, compute_start, compute_end, seg.param_bytes);
-    compute.stall_us = std::max(0.0, compute_start - last_compute_end_);
-    report.stall_us += compute.stall_us;
-    last_compute_end_ = compute_end;
-    report.events.push_back(compute);
-    // d. Release: the compute buffer, and a streamed segment's weights.
-    scratch.reset();
-    streamed.reset();
+    return out;
+  }
 
-    RunEvent& head = report.events[segment_event];
-    head.source = source;
-    head.end_us = wall_clock_us();
+  // Prepares the segment's params, allocates its fresh buffer and queues the copy.
+  Copy start_copy(int64_t step, const MergedSegment& seg) {
+    Copy c;
+    c.seg = &seg;
+    c.prepared = prepare(seg, {});
+    c.queued_us = wall_clock_us();
+    c.buffer = allocate(seg.device_bytes, "the weights",
+                        [&] { return "run: step " + std::to_string(step) + ", " + describe(seg); });
+    c.done = queue_copy(seg, c.prepared.host, dsts(c));
+    return c;
+  }
+
+  // The lookahead's copy; none if its buffer does not fit beside the current segment's (the
+  // segment is then copied when its turn comes, as without lookahead).
+  Copy try_start_copy(int64_t step, const MergedSegment& seg) {
+    try {
+      return start_copy(step, seg);
+    } catch (const DeviceOutOfMemoryError&) {
+      return Copy{};
+    }
+  }
+
+  // Waits for the copy (sd.cpp's copies are synchronous) and records prepare_params and h2d.
+  // The h2d event spans the allocation and the transfer, as sd.cpp's does.
+  void finish_copy(int64_t step, Copy& c, PendingStep& pending) {
+    c.done->wait();
+    const MergedSegment& seg = *c.seg;
+    pending.report.events.push_back(prepare_event(seg, c.prepared, seg.param_bytes));
+    pending.report.disk_bytes += c.prepared.disk_bytes;
+    RunEvent h2d = make_event(EventKind::kH2D, seg, std::min(c.queued_us, c.done->start_us()),
+                              c.done->end_us(), seg.param_bytes);
+    pending.report.events.push_back(h2d);
+    pending.report.h2d_bytes += seg.param_bytes;
+    verify_copy(step, seg, c.prepared.host, dsts(c));
+    release_copied(seg, c.prepared.host);
   }
 
   std::vector<DeviceBuffer> resident_;
-  double last_compute_end_ = 0;
 };
 
-// ==== slots ≥ 1: overlapped, pooled, cyclic ====
-class OverlappedRun : public RunBase {
+// ==== pooled: slots ≥ 1, overlapped, cyclic ====
+class PooledRun : public RunBase {
  public:
-  OverlappedRun(Device& device, DitModel& model, const RunRequest& request,
-                const std::atomic<bool>* cancel)
+  PooledRun(Device& device, Model& model, const RunRequest& request,
+            const std::atomic<bool>* cancel)
       : RunBase(device, model, request, cancel) {}
 
-  ~OverlappedRun() { shutdown(); }
+  ~PooledRun() override { shutdown(); }
 
   RunOutput run(const StepObserver& on_step) {
     start_job();
@@ -584,19 +592,21 @@ class OverlappedRun : public RunBase {
     copier_ = std::thread([this] { copy_loop(); });
 
     for (int64_t step = 1; step <= request_.steps; step++) {
-      StepReport report;
-      report.step = step;
+      PendingStep pending;
+      pending.report.step = step;
       device_.reset_window_peak();
-      report.start_us = wall_clock_us();
-      if (step == 1) report.resident_hit_bytes = resident_hit_bytes_;
-      double last_compute_end = report.start_us;
-      for (const MergedSegment& seg : plan_) {
-        run_segment(step, seg, report, &last_compute_end);
-      }
-      euler_step();
-      report.end_us = wall_clock_us();
-      report.arena_peak_bytes = device_.memory_stats().window_peak_bytes;
-      if (on_step) on_step(std::move(report));
+      pending.report.start_us = wall_clock_us();
+      if (step == 1) pending.report.resident_hit_bytes = resident_hit_bytes_;
+      before_step(step);
+      for (const MergedSegment& seg : plan_) run_segment(step, seg, pending);
+      step_update(step);
+      pending.finish();
+      pending.report.end_us = wall_clock_us();
+      const MemoryStats memory = device_.memory_stats();
+      pending.report.arena_peak_bytes = memory.window_peak_bytes;
+      pending.report.allocations = memory.allocations;
+      pending.report.host_peak_bytes = model_.params_cache().take_host_peak();
+      if (on_step) on_step(std::move(pending.report));
     }
     shutdown();
     return finish();
@@ -618,13 +628,13 @@ class OverlappedRun : public RunBase {
     return !seg.resident || (step == 1 && upload_[seg.index]);
   }
 
-  // Everything the job uses on the device, allocated once, before step 1.
+  // Everything the job uses on the device beyond activations and the compute buffer, allocated
+  // once, before step 1.
   void allocate_job_buffers() {
     const auto& base = model_.base_segments();
     auto at_start = [] { return std::string("run: job start"); };
-    uint64_t scratch_bytes = 0, slot_bytes = 0, streamed_per_step = 0;
+    uint64_t slot_bytes = 0, streamed_per_step = 0;
     for (const MergedSegment& seg : plan_) {
-      scratch_bytes = std::max(scratch_bytes, seg.compute_buffer_bytes);
       if (!seg.resident) {
         slot_bytes = std::max(slot_bytes, seg.device_bytes);
         streamed_per_step++;
@@ -656,7 +666,6 @@ class OverlappedRun : public RunBase {
           upload_[seg.index] = true;
           to_upload_[seg.index][b - seg.first] = true;
         }
-        params[b - seg.first] = static_cast<uint8_t*>(entry->buffer.data());
         held_.push_back(std::move(entry));
         held_base_.push_back(b);
       }
@@ -675,7 +684,6 @@ class OverlappedRun : public RunBase {
       }
     }
 
-    if (scratch_bytes > 0) scratch_ = allocate(scratch_bytes, "the compute buffer", at_start);
     if (streamed_per_step > 0) {
       // More slots than the job has streamed copies could never be used.
       const uint64_t copies = streamed_per_step * static_cast<uint64_t>(request_.steps);
@@ -683,6 +691,7 @@ class OverlappedRun : public RunBase {
       for (uint64_t s = 0; s < count; s++) {
         slots_.push_back(allocate(slot_bytes, "staging slot " + std::to_string(s), at_start));
       }
+      slot_free_.resize(slots_.size());
     }
     model_key_ = model_key;
   }
@@ -695,7 +704,8 @@ class OverlappedRun : public RunBase {
   }
 
   // The copy thread: queues every copy of the job in compute order. The g-th streamed copy
-  // (across steps) goes to slot g mod d once the (g−d)-th streamed segment has computed.
+  // (across steps) goes to slot g mod d once the (g−d)-th streamed segment's compute has been
+  // queued, and (on the copy stream, not the host) after that compute has finished.
   void copy_loop() {
     const uint64_t d = slots_.size();
     uint64_t g = 0;
@@ -703,10 +713,12 @@ class OverlappedRun : public RunBase {
       for (int64_t step = 1; step <= request_.steps; step++) {
         for (const MergedSegment& seg : plan_) {
           if (!needs_copy(step, seg)) continue;
+          EventPtr slot_free;
           {
             std::unique_lock<std::mutex> lock(mu_);
             if (!seg.resident) {
               cv_.wait(lock, [&] { return stop_ || g < computed_ + d; });
+              slot_free = slot_free_[g % d];
             }
             if (stop_) return;
           }
@@ -728,6 +740,7 @@ class OverlappedRun : public RunBase {
               landed.bytes += base[b].param_bytes;
             }
           }
+          if (slot_free) device_.copy_stream().wait_event(slot_free);
           landed.copy = queue_copy(seg, landed.prepared.host, landed.dst);
           if (!seg.resident) g++;
           {
@@ -758,30 +771,27 @@ class OverlappedRun : public RunBase {
     return landed;
   }
 
-  void run_segment(int64_t step, const MergedSegment& seg, StepReport& report,
-                   double* last_compute_end) {
+  void run_segment(int64_t step, const MergedSegment& seg, PendingStep& pending) {
     check_cancel(step, seg);
-    const size_t segment_event = report.events.size();
-    report.events.push_back(make_event(EventKind::kSegment, seg, 0, 0, seg.param_bytes));
-    double first_start = wall_clock_us();
+    pending.report.events.push_back(make_event(EventKind::kSegment, seg, 0, 0, seg.param_bytes));
+    const size_t head = pending.report.events.size() - 1;
     ParamSource source = ParamSource::kResident;
 
     std::vector<const uint8_t*> params;
     if (needs_copy(step, seg)) {
       Landed landed = next_landed();
-      landed.copy->wait();
       const RunEvent prep = prepare_event(seg, landed.prepared, landed.bytes);
       source = prep.source;
-      first_start = std::min(first_start, prep.start_us);
-      report.events.push_back(prep);
-      report.disk_bytes += landed.prepared.disk_bytes;
-      RunEvent h2d = make_event(EventKind::kH2D, seg, landed.copy->start_us(),
-                                landed.copy->end_us(), landed.bytes);
-      first_start = std::min(first_start, h2d.start_us);
-      report.events.push_back(h2d);
-      report.h2d_bytes += landed.bytes;
-      verify_copy(step, seg, landed.prepared.host, landed.dst);
-      release_copied(seg, landed.prepared.host);
+      pending.report.events.push_back(prep);
+      pending.report.disk_bytes += landed.prepared.disk_bytes;
+      pending.add(make_event(EventKind::kH2D, seg, 0, 0, landed.bytes), landed.copy);
+      pending.report.h2d_bytes += landed.bytes;
+      if (copies_need_host_wait()) {
+        landed.copy->wait();
+        verify_copy(step, seg, landed.prepared.host, landed.dst);
+        release_copied(seg, landed.prepared.host);
+      }
+      device_.compute_wait(landed.copy);
       if (seg.resident) {
         publish_uploads(seg);
       } else {
@@ -792,29 +802,18 @@ class OverlappedRun : public RunBase {
       for (uint8_t* p : resident_params_[seg.index]) params.push_back(p);
     }
 
-    const double compute_start = wall_clock_us();
-    forward(seg, params, scratch_.data());
-    device_.compute_stream().synchronize();
-    const double compute_end = wall_clock_us();
+    EventPtr done = forward(seg, params);
+    pending.add(make_event(EventKind::kCompute, seg, 0, 0, seg.param_bytes), done);
+    pending.report.events[head].source = source;
     if (!seg.resident) {
-      // Its slot is free for the copy `slots` streamed segments ahead.
+      // Its slot is free for the copy `slots` streamed segments ahead, once this compute ends.
       {
         std::lock_guard<std::mutex> lock(mu_);
+        slot_free_[computed_ % slot_free_.size()] = done;
         computed_++;
       }
       cv_.notify_all();
     }
-    RunEvent compute =
-        make_event(EventKind::kCompute, seg, compute_start, compute_end, seg.param_bytes);
-    compute.stall_us = std::max(0.0, compute_start - *last_compute_end);
-    report.stall_us += compute.stall_us;
-    *last_compute_end = compute_end;
-    report.events.push_back(compute);
-
-    RunEvent& head = report.events[segment_event];
-    head.start_us = std::min(first_start, compute_start);
-    head.end_us = compute_end;
-    head.source = source;
   }
 
   // A resident segment's fresh uploads have landed: they enter the device's residency cache,
@@ -826,7 +825,8 @@ class OverlappedRun : public RunBase {
     }
   }
 
-  // Stops the copy thread and waits for every copy it queued, so no buffer is freed under a copy.
+  // Stops the copy thread and waits for every copy and compute it queued, so no buffer is freed
+  // under a transfer.
   void shutdown() noexcept {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -836,6 +836,9 @@ class OverlappedRun : public RunBase {
     if (copier_.joinable()) copier_.join();
     try {
       device_.copy_stream().synchronize();
+      for (const EventPtr& e : slot_free_) {
+        if (e) e->wait();
+      }
     } catch (...) {
     }
   }
@@ -848,26 +851,26 @@ class OverlappedRun : public RunBase {
   std::vector<ResidencyCache::EntryPtr> held_;          // resident weights this job uses
   std::vector<size_t> held_base_;
   uint64_t resident_hit_bytes_ = 0;
-  DeviceBuffer scratch_;
   std::vector<DeviceBuffer> slots_;
+  std::vector<EventPtr> slot_free_;  // per slot: the compute that last read it
 
   std::thread copier_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
-  uint64_t computed_ = 0;  // streamed segments computed so far, across steps
+  uint64_t computed_ = 0;  // streamed segments whose compute was queued, across steps
   std::deque<Landed> landed_;
 };
 
 }  // namespace
 
-RunOutput run_job(DeviceLease& lease, DitModel& model, const RunRequest& request,
+RunOutput run_job(DeviceLease& lease, Model& model, const RunRequest& request,
                   const std::atomic<bool>* cancel, const StepObserver& on_step) {
-  if (request.slots == 0) {
-    SerialRun run(lease.device(), model, request, cancel);
+  if (request.execution == Execution::kPooled) {
+    PooledRun run(lease.device(), model, request, cancel);
     return run.run(on_step);
   }
-  OverlappedRun run(lease.device(), model, request, cancel);
+  FreshRun run(lease.device(), model, request, cancel);
   return run.run(on_step);
 }
 
