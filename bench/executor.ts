@@ -9,8 +9,10 @@
  *    streamed bytes per step take about as long as a step's compute (β = streamed / Σcompute,
  *    re-planned until the plan and β agree) — the regime where overlap matters most.
  * 3. `sdcpp`: the sdcpp policy's plan (merged segments, resident prefix, slots 0) run serially.
+ *    `sdcpp-prefetch`: the same plan run as sd.cpp runs it since PR #1905 (the next segment's
+ *    copy queued while the current one computes, fresh buffers, within a step).
  *    `ferry`: the ferry policy's plan (planned with the measured compute times and β) run
- *    overlapped (its slots). Both plan for the same device: B + 512 MiB free, so sd.cpp's
+ *    overlapped (its slots). All plan for the same device: B + 512 MiB free, so sd.cpp's
  *    E = min(B, free − 512 MiB) = B, as it would be on a GPU with that much headroom.
  * 4. lower bound = max(Σcompute, ferry's streamed bytes / peak copy rate) per step, with
  *    Σcompute from the serial run (no copy competes with it there) and the peak copy rate
@@ -39,6 +41,7 @@ import type {
   NativeStepReport,
 } from "../lib/native/AddonTypes";
 import { planFromMessage } from "../services/scheduler/planProto";
+import { executionOf } from "../lib/planner/execution";
 import { planJob } from "../lib/planner/planJob";
 import type { Plan } from "../lib/planner/types";
 
@@ -74,12 +77,14 @@ export interface ExecutorBenchOptions {
   log?: (line: string) => void;
 }
 
-/** The bench's JSON contract: these nine keys. */
+/** The bench's JSON contract: these eleven keys. */
 export interface ExecutorBenchSummary {
   sdcpp_step_s: number;
+  sdcpp_prefetch_step_s: number;
   ferry_step_s: number;
   lower_bound_s: number;
   speedup_vs_sdcpp: number;
+  speedup_vs_sdcpp_prefetch: number;
   ferry_over_lower_bound: number;
   /** Bytes ferry copied over the time its copies took, GB/s. */
   h2d_gbps: number;
@@ -113,7 +118,12 @@ export interface ExecutorBenchDetails {
   sdcpp_resident_segments: number;
   sdcpp_streamed_bytes: number;
   sdcpp_steps_s: number[];
+  sdcpp_prefetch_steps_s: number[];
+  /** How long sdcpp-prefetch's compute waited for copies per step. */
+  sdcpp_prefetch_stall_s: number;
   ferry_steps_s: number[];
+  /** Whether the three runs gave the same output bits. */
+  outputs_identical: boolean;
   /** Step 1 of a second ferry job on the same device: bytes it did not copy (kept resident). */
   second_job_resident_hit_bytes: number;
   grpc?: {
@@ -146,6 +156,7 @@ function requestOf(plan: Plan, batch: number, tokens: number, steps: number): Na
       lastBase: s.base[1],
       resident: s.resident,
     })),
+    execution: executionOf(plan),
     slots: plan.slots ?? 0,
   };
 }
@@ -273,6 +284,11 @@ export async function runExecutorBench(
       stream: true,
       maxVramGiB: budget / GiB,
     });
+    const prefetchPlan = planJob(profile, benchDevice(budget, linkGbps), {
+      policy: "sdcpp-prefetch",
+      stream: true,
+      maxVramGiB: budget / GiB,
+    });
     log(
       `budget ${formatBytes(budget)}, link ${linkGbps.toFixed(3)} GB/s; ferry streams ` +
         `${formatBytes(ferryPlan.streamed_bytes_per_step)}/step with ${ferryPlan.slots} slots, ` +
@@ -289,6 +305,13 @@ export async function runExecutorBench(
     const peak = device.measureCopyRate();
     log(`peak copy rate ${peak.toFixed(3)} GB/s; running sdcpp`);
     const sdcpp = await runPlan(addon, device, model, requestOf(sdcppPlan, batch, tokens, steps));
+    log("running sdcpp-prefetch");
+    const prefetch = await runPlan(
+      addon,
+      device,
+      model,
+      requestOf(prefetchPlan, batch, tokens, steps),
+    );
     device.clearResidency();
     log("running ferry");
     const ferry = await runPlan(addon, device, model, requestOf(ferryPlan, batch, tokens, steps));
@@ -297,7 +320,9 @@ export async function runExecutorBench(
 
     const sdcppSteps = steady(sdcpp.reports).map(stepSeconds);
     const ferrySteps = steady(ferry.reports).map(stepSeconds);
+    const prefetchSteps = steady(prefetch.reports).map(stepSeconds);
     const sdcppStep = mean(sdcppSteps);
+    const prefetchStep = mean(prefetchSteps);
     const ferryStep = mean(ferrySteps);
     const compute = mean(steady(sdcpp.reports).map((r) => sumEvents(r, "compute")));
     const lowerBound = Math.max(compute, ferryPlan.streamed_bytes_per_step / (peak * 1e9));
@@ -329,7 +354,12 @@ export async function runExecutorBench(
       sdcpp_resident_segments: sdcppPlan.segments.filter((s) => s.resident).length,
       sdcpp_streamed_bytes: sdcppPlan.streamed_bytes_per_step,
       sdcpp_steps_s: sdcppSteps,
+      sdcpp_prefetch_steps_s: prefetchSteps,
+      sdcpp_prefetch_stall_s: mean(steady(prefetch.reports).map((r) => r.stallUs / 1e6)),
       ferry_steps_s: ferrySteps,
+      outputs_identical:
+        Buffer.compare(bytesOf(sdcpp.output), bytesOf(ferry.output)) === 0 &&
+        Buffer.compare(bytesOf(prefetch.output), bytesOf(ferry.output)) === 0,
       second_job_resident_hit_bytes: again.reports[0]?.residentHitBytes ?? 0,
     };
 
@@ -386,9 +416,11 @@ export async function runExecutorBench(
 
     return {
       sdcpp_step_s: sdcppStep,
+      sdcpp_prefetch_step_s: prefetchStep,
       ferry_step_s: ferryStep,
       lower_bound_s: lowerBound,
       speedup_vs_sdcpp: sdcppStep / ferryStep,
+      speedup_vs_sdcpp_prefetch: prefetchStep / ferryStep,
       ferry_over_lower_bound: ferryStep / lowerBound,
       h2d_gbps: h2dGbps,
       h2d_peak_gbps: peak,
@@ -403,6 +435,9 @@ export async function runExecutorBench(
   }
 }
 
+const bytesOf = (values: Float32Array) =>
+  Buffer.from(values.buffer, values.byteOffset, values.byteLength);
+
 async function sha256(values: Float32Array): Promise<string> {
   const { createHash } = await import("node:crypto");
   return createHash("sha256")
@@ -410,13 +445,15 @@ async function sha256(values: Float32Array): Promise<string> {
     .digest("hex");
 }
 
-/** The nine keys of the bench's JSON contract, in order. */
+/** The eleven keys of the bench's JSON contract, in order. */
 export function executorBenchSummary(result: ExecutorBenchResult): ExecutorBenchSummary {
   return {
     sdcpp_step_s: result.sdcpp_step_s,
+    sdcpp_prefetch_step_s: result.sdcpp_prefetch_step_s,
     ferry_step_s: result.ferry_step_s,
     lower_bound_s: result.lower_bound_s,
     speedup_vs_sdcpp: result.speedup_vs_sdcpp,
+    speedup_vs_sdcpp_prefetch: result.speedup_vs_sdcpp_prefetch,
     ferry_over_lower_bound: result.ferry_over_lower_bound,
     h2d_gbps: result.h2d_gbps,
     h2d_peak_gbps: result.h2d_peak_gbps,
@@ -435,9 +472,11 @@ export function executorBenchMarkdown(result: ExecutorBenchResult): string {
     "| metric | value | goal |",
     "| --- | --- | --- |",
     `| sdcpp_step_s | ${fmt(result.sdcpp_step_s)} | |`,
+    `| sdcpp_prefetch_step_s | ${fmt(result.sdcpp_prefetch_step_s)} | |`,
     `| ferry_step_s | ${fmt(result.ferry_step_s)} | |`,
     `| lower_bound_s | ${fmt(result.lower_bound_s)} | |`,
     `| speedup_vs_sdcpp | ${fmt(result.speedup_vs_sdcpp, 2)} | ≥ 1.6: ${goal(result.speedup_vs_sdcpp >= 1.6)} |`,
+    `| speedup_vs_sdcpp_prefetch | ${fmt(result.speedup_vs_sdcpp_prefetch, 2)} | ≥ 1.3: ${goal(result.speedup_vs_sdcpp_prefetch >= 1.3)} |`,
     `| ferry_over_lower_bound | ${fmt(result.ferry_over_lower_bound, 3)} | ≤ 1.10: ${goal(result.ferry_over_lower_bound <= 1.1)} |`,
     `| h2d_gbps | ${fmt(result.h2d_gbps)} | |`,
     `| h2d_peak_gbps | ${fmt(result.h2d_peak_gbps)} | |`,
@@ -449,7 +488,9 @@ export function executorBenchMarkdown(result: ExecutorBenchResult): string {
       `${formatBytes(d.budget_bytes)}; emulated link ${d.link_gbps.toFixed(3)} GB/s.`,
     "",
     `- sdcpp plan: ${d.sdcpp_segments} merged segments, ${d.sdcpp_resident_segments} resident, ` +
-      `${formatBytes(d.sdcpp_streamed_bytes)} streamed per step, serial.`,
+      `${formatBytes(d.sdcpp_streamed_bytes)} streamed per step, serial; the same plan with ` +
+      `sd.cpp's one-segment lookahead (sdcpp-prefetch) stalled ${fmt(d.sdcpp_prefetch_stall_s)} s ` +
+      "per step.",
     `- ferry plan: ${d.ferry_segments} segments, ${d.ferry_resident_segments} resident, ` +
       `${formatBytes(d.ferry_streamed_bytes)} streamed per step, ${d.ferry_slots} slots; predicted ` +
       `${fmt(d.ferry_predicted_step_s)} s/step.`,
@@ -457,8 +498,10 @@ export function executorBenchMarkdown(result: ExecutorBenchResult): string {
       `run; ferry stalled ${fmt(d.ferry_stall_s)} s per step waiting for copies.`,
     `- A second ferry job on the same device found ${formatBytes(d.second_job_resident_hit_bytes)} ` +
       "of its resident weights still there (not copied).",
-    `- Steps (s): sdcpp ${d.sdcpp_steps_s.map((s) => s.toFixed(3)).join(", ")}; ferry ` +
+    `- Steps (s): sdcpp ${d.sdcpp_steps_s.map((s) => s.toFixed(3)).join(", ")}; ` +
+      `sdcpp-prefetch ${d.sdcpp_prefetch_steps_s.map((s) => s.toFixed(3)).join(", ")}; ferry ` +
       `${d.ferry_steps_s.map((s) => s.toFixed(3)).join(", ")}.`,
+    `- Outputs of the three runs: ${d.outputs_identical ? "bitwise identical" : "DIFFERENT"}.`,
   ];
   if (d.grpc) {
     lines.push(
@@ -502,8 +545,8 @@ export function registerBenchExecutor(bench: Command): void {
   bench
     .command("executor")
     .description(
-      "the native executor on one CPU device: sdcpp's serial plan vs ferry's overlapped plan vs " +
-        "the lower bound, copy efficiency, and gRPC overhead",
+      "the native executor on one CPU device: sdcpp's serial plan and sd.cpp's prefetch vs " +
+        "ferry's overlapped plan vs the lower bound, copy efficiency, and gRPC overhead",
     )
     .option("--model <path>", "a DiT model file (default: generate one)")
     .option("--blocks <n>", "blocks of the generated model", "24")
@@ -516,7 +559,7 @@ export function registerBenchExecutor(bench: Command): void {
     .option("--budget <gib>", "the --max-vram both policies plan for, GiB (default 0.85 × weights)")
     .option("--link-gbps <rate>", "emulated link, GB/s (default: copies ≈ compute)")
     .option("--no-grpc", "skip the run through a scheduler and an executor process")
-    .option("--json", "print the nine result keys as JSON", false)
+    .option("--json", "print the eleven result keys as JSON", false)
     .option("--details", "with --json: add the details", false)
     .action(async function (this: Command) {
       const f = this.opts<ExecutorBenchFlags>();

@@ -156,6 +156,11 @@ export interface NativeLoadStats {
   hostBytes: number;
   /** Whether O_DIRECT is available for this file. */
   directIo: boolean;
+  /**
+   * Whether the file's mapping is the params cache (a model opened for the CPU device: loading
+   * populates the mapping, copies read from it); false: buffers (pinned, for a GPU).
+   */
+  mapped: boolean;
 }
 
 /**
@@ -361,7 +366,8 @@ export interface NativeAddon {
   /**
    * Opens, parses, validates and binds a model file (safetensors or GGUF) to its architecture,
    * off the main thread; its packed layout is for `device`'s memory (the CPU's by default: a GPU
-   * job needs the model opened for its device).
+   * job needs the model opened for its device). For the CPU device the params cache is the
+   * file's mapping; for a GPU, pinned buffers.
    */
   openModel(
     path: string,

@@ -46,7 +46,11 @@ export function toStatusError(
     case "CancelledError":
       return new StatusError(status.CANCELLED, err.message);
     case "DeviceBusyError":
+    case "DeviceUnavailableError":
       return new StatusError(status.UNAVAILABLE, err.message);
+    case "IntegrityError":
+      // Weights changed between the host and the device (verify): the data is corrupt.
+      return new StatusError(status.DATA_LOSS, err.message);
     case "IoError":
       return new StatusError(status.FAILED_PRECONDITION, err.message);
   }

@@ -88,6 +88,12 @@ enum class DirectIo : uint8_t {
 };
 
 struct LoaderOptions {
+  // Map the file and let the page cache be the host params cache: loading a segment populates
+  // its pages in the mapping (MADV_POPULATE_READ, in chunks by the reader threads), copies read
+  // straight from there, and a warm file costs no copy and no page faults on fresh memory
+  // (llama.cpp's default). Off: segments are read into buffers from the allocator (pinned on a
+  // GPU). Falls back to buffers where the kernel cannot populate a mapping (before Linux 5.14).
+  bool map = false;
   unsigned threads = 4;                       // reader threads (1..64)
   uint64_t chunk_bytes = uint64_t{16} << 20;  // per read; rounded up to 4 KiB (64 KiB..1 GiB)
   DirectIo direct = DirectIo::kAuto;
@@ -106,6 +112,7 @@ struct LoadStats {
   uint64_t host_bytes = 0;     // host memory the cache holds now
   uint64_t host_peak_bytes = 0;    // most it held since the last take_host_peak()
   bool direct_io = false;          // whether O_DIRECT is available for this file
+  bool mapped = false;             // segments are read through the mapping (LoaderOptions::map)
   std::vector<bool> loaded;        // per segment: in host memory now
   std::vector<size_t> queued;      // segments waiting for a reader, in the order they will be read
   std::vector<size_t> load_order;  // segments in the order their loads completed (last 4096)
@@ -128,8 +135,16 @@ class ParamsCache {
   const ParamsSegmentLayout& layout(size_t index) const { return layouts_.at(index); }
 
   struct HostParams {
-    const uint8_t* data = nullptr;  // the segment's buffer; valid until the matching release()
+    const uint8_t* data = nullptr;  // the segment's buffer (or the file mapping); valid until
+                                    // the matching release()
     uint64_t disk_bytes = 0;        // > 0 when this call waited for a read (its param bytes)
+    const ParamsSegmentLayout* layout = nullptr;
+    bool mapped = false;  // `data` is the file's mapping: pieces sit at their file offsets
+    // Piece k's bytes (a tensor of the segment, in layout order).
+    const uint8_t* piece(size_t k) const {
+      const ParamsPiece& p = layout->pieces[k];
+      return data + (mapped ? p.file_offset : p.buffer_offset);
+    }
   };
   // Blocks until segment `index` is in host memory — jumping ahead of any background reading —
   // and holds it for the caller until release(index). InvalidArgumentError for a bad index;
@@ -190,7 +205,11 @@ class ParamsCache {
   void finish_job_locked(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Job>& job);
   void wait_job(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Job>& job);
   void check_index(size_t index, const char* what) const;
-  uint64_t hash_pieces(size_t index, const uint8_t* data) const;
+  // XXH64 of segment `index`'s pieces in `data`, laid out like its buffer (or, `mapped`, like
+  // the file).
+  uint64_t hash_pieces(size_t index, const uint8_t* data, bool mapped = false) const;
+  // The page-aligned file ranges a mapped segment's pieces cover.
+  void drop_mapped_pages(size_t index) const;
   void track_busy_locked(int delta);
 
   const ModelFile& file_;
@@ -198,7 +217,9 @@ class ParamsCache {
   const std::vector<ParamsSegmentLayout> layouts_;
   LoaderOptions options_;
   int direct_fd_ = -1;
-  const uint8_t* map_ = nullptr;  // read-only mapping of the file, for mincore() only
+  // Read-only mapping of the file: the params source when mapped_, else for mincore() only.
+  const uint8_t* map_ = nullptr;
+  bool mapped_ = false;
   size_t map_bytes_ = 0;
 
   mutable std::mutex mu_;

@@ -33,6 +33,14 @@ class OpenModelWorker : public Napi::AsyncWorker {
     try {
       Model::Options options;
       if (device_) options.layout = ggml_backend_buffer_get_type(device_->memory());
+      if (device_ && device_->kind() == DeviceKind::kGpu) {
+        // A GPU copies from pinned host memory asynchronously: read into pinned buffers.
+        options.allocator = device_host_allocator(device_);
+      } else {
+        // The CPU device copies with memcpy: the file's mapping is the params cache, so a warm
+        // file costs no copy and no page faults (a GPU needs pinned buffers instead).
+        options.loader.map = true;
+      }
       model_ = Model::open(path_, options);
     } catch (...) {
       error_ = capture_exception(std::current_exception());
@@ -190,6 +198,7 @@ Napi::Value ModelWrap::load_stats(const Napi::CallbackInfo& info) {
   out.Set("misses", size_value(env, st.misses));
   out.Set("hostBytes", size_value(env, st.host_bytes));
   out.Set("directIo", st.direct_io);
+  out.Set("mapped", st.mapped);
   return out;
 }
 

@@ -31,6 +31,11 @@ namespace ferry {
 namespace {
 
 constexpr uint64_t kPage = kHostParamsAlignment;
+#if defined(MADV_POPULATE_READ)
+constexpr int kMadvPopulateRead = MADV_POPULATE_READ;
+#else
+constexpr int kMadvPopulateRead = 22;  // Linux 5.14's value, for older headers
+#endif
 // Chunks smaller than this are read buffered even with O_DIRECT: a small direct read gets no
 // read-ahead and costs a device round trip, and these are biases and norms.
 constexpr uint64_t kDirectMinBytes = uint64_t{64} << 10;
@@ -238,13 +243,20 @@ ParamsCache::ParamsCache(const ModelFile& file, std::vector<ParamsSegmentLayout>
       ::close(fd);
     }
   }
-  if (direct_fd_ >= 0 && options_.direct == DirectIo::kAuto && file.file_bytes() > 0) {
-    // Only to ask mincore() which pages are cached; never touched.
+  const bool want_map = options_.map || (direct_fd_ >= 0 && options_.direct == DirectIo::kAuto);
+  if (want_map && file.file_bytes() > 0) {
     void* m = ::mmap(nullptr, file.file_bytes(), PROT_READ, MAP_SHARED, file.fd(), 0);
     if (m != MAP_FAILED) {
       map_ = static_cast<const uint8_t*>(m);
       map_bytes_ = file.file_bytes();
     }
+  }
+  // The mapping as the params source needs MADV_POPULATE_READ (Linux 5.14): it faults pages in
+  // and reports a file that shrank as an error, where touching the mapping would raise SIGBUS.
+  if (options_.map && map_ &&
+      ::madvise(const_cast<uint8_t*>(map_), std::min<size_t>(map_bytes_, kPage),
+                kMadvPopulateRead) == 0) {
+    mapped_ = true;
   }
 }
 
@@ -257,8 +269,10 @@ ParamsCache::~ParamsCache() {
   for (auto& t : threads_) t.join();
   // Workers are gone: free what loads in progress had allocated, and every cached buffer.
   for (auto& e : entries_) {
-    if (e->job && e->job->data) e->job->allocator->deallocate(e->job->data, e->job->alloc_bytes);
-    if (e->data) e->allocator->deallocate(e->data, e->alloc_bytes);
+    if (e->job && e->job->data && e->job->allocator) {
+      e->job->allocator->deallocate(e->job->data, e->job->alloc_bytes);
+    }
+    if (e->data && e->allocator) e->allocator->deallocate(e->data, e->alloc_bytes);
   }
   if (map_) ::munmap(const_cast<uint8_t*>(map_), map_bytes_);
   if (direct_fd_ >= 0) ::close(direct_fd_);
@@ -362,6 +376,25 @@ void ParamsCache::worker_loop() {
       // a piece), so host_bytes is the packed size.
       const size_t bytes = static_cast<size_t>(std::max<uint64_t>(layout.buffer_bytes, 1));
       const std::shared_ptr<HostAllocator> allocator = job->allocator;
+      if (mapped_) {
+        // Nothing to allocate: the mapping holds the bytes once the chunks populate it.
+        job->allocating = false;
+        job->allocator = nullptr;
+        job->data = const_cast<uint8_t*>(map_);
+        job->alloc_bytes = static_cast<size_t>(layout.param_bytes());
+        host_bytes_ += job->alloc_bytes;
+        host_peak_bytes_ = std::max(host_peak_bytes_, host_bytes_);
+        if (job->chunks.empty()) {
+          job->next = job->chunks.size();
+          if (job->queued) {
+            queue_.erase(std::find(queue_.begin(), queue_.end(), job));
+            job->queued = false;
+          }
+          if (job->in_flight == 0 && !job->finishing) finish_job_locked(lock, job);
+        }
+        work_cv_.notify_all();
+        continue;
+      }
       lock.unlock();
       uint8_t* data = nullptr;
       std::exception_ptr error;
@@ -439,6 +472,15 @@ void ParamsCache::worker_loop() {
 }
 
 uint64_t ParamsCache::read_chunk(const Job& job, const Chunk& c, Worker& worker) {
+  if (mapped_) {
+    const uint64_t first = align_down(c.file_offset, kPage);
+    const uint64_t end =
+        std::min<uint64_t>(align_up_to(c.file_offset + c.bytes, kPage), map_bytes_);
+    if (::madvise(const_cast<uint8_t*>(map_) + first, end - first, kMadvPopulateRead) != 0) {
+      throw IoError(errno, "madvise(MADV_POPULATE_READ)", label_);
+    }
+    return 0;
+  }
   uint8_t* dst = job.data + c.buffer_offset;
   const int direct_fd = direct_fd_;
   bool direct = direct_fd >= 0 && c.bytes >= kDirectMinBytes;
@@ -519,7 +561,7 @@ void ParamsCache::finish_job_locked(std::unique_lock<std::mutex>& lock,
   if (!job->error && checksums_) {
     // Hashed with the lock released: the entry is still kLoading, so nobody else touches it.
     lock.unlock();
-    const uint64_t h = hash_pieces(job->index, job->data);
+    const uint64_t h = hash_pieces(job->index, job->data, mapped_);
     lock.lock();
     if (e.has_checksum && h != e.checksum) {
       job->error = std::make_exception_ptr(IntegrityError(
@@ -535,7 +577,7 @@ void ParamsCache::finish_job_locked(std::unique_lock<std::mutex>& lock,
   Freed freed;
   if (job->error) {
     if (job->data) {
-      freed.allocator = job->allocator;
+      freed.allocator = job->allocator;  // none when mapped: the mapping stays
       freed.data = job->data;
       freed.bytes = job->alloc_bytes;
       host_bytes_ -= job->alloc_bytes;
@@ -583,7 +625,7 @@ ParamsCache::HostParams ParamsCache::prepare(size_t index) {
       e.unclaimed = false;
       waited ? stats_.misses++ : stats_.hits++;
       feed_prefetch_locked();  // claiming a prefetched segment opens the disk backend's window
-      return {e.data, waited ? layouts_[index].param_bytes() : 0};
+      return {e.data, waited ? layouts_[index].param_bytes() : 0, &layouts_[index], mapped_};
     }
     std::shared_ptr<Job> job;
     bool own = false;
@@ -622,6 +664,9 @@ void ParamsCache::release(size_t index, Backend backend) {
   if (e.users == 0) return;
   e.users--;
   if (e.users == 0 && e.state == Entry::State::kReady && backend != ParamsCache::Backend::kCpu) {
+    // Mapped: the segment's pages leave this process's mapping (the kernel may still cache
+    // them); buffered: the buffer goes back to its allocator.
+    if (mapped_) drop_mapped_pages(index);
     freed.allocator = std::move(e.allocator);
     freed.data = e.data;
     freed.bytes = e.alloc_bytes;
@@ -724,6 +769,7 @@ LoadStats ParamsCache::stats() const {
   s.host_bytes = host_bytes_;
   s.host_peak_bytes = host_peak_bytes_;
   s.direct_io = direct_fd_ >= 0;
+  s.mapped = mapped_;
   for (size_t i = 0; i < entries_.size(); i++) {
     s.loaded[i] = entries_[i]->state == Entry::State::kReady;
   }
@@ -762,10 +808,21 @@ void ParamsCache::set_allocator(std::shared_ptr<HostAllocator> allocator) {
   allocator_ = allocator ? std::move(allocator) : aligned_host_allocator();
 }
 
-uint64_t ParamsCache::hash_pieces(size_t index, const uint8_t* data) const {
+uint64_t ParamsCache::hash_pieces(size_t index, const uint8_t* data, bool mapped) const {
   Xxhash64 h;
-  for (const auto& p : layouts_[index].pieces) h.update(data + p.buffer_offset, p.bytes);
+  for (const auto& p : layouts_[index].pieces) {
+    h.update(data + (mapped ? p.file_offset : p.buffer_offset), p.bytes);
+  }
   return h.digest();
+}
+
+void ParamsCache::drop_mapped_pages(size_t index) const {
+  // Only pages wholly inside a piece: a page shared with a neighbour stays mapped for it.
+  for (const auto& p : layouts_[index].pieces) {
+    const uint64_t first = align_up_to(p.file_offset, kPage);
+    const uint64_t end = align_down(p.file_offset + p.bytes, kPage);
+    if (end > first) ::madvise(const_cast<uint8_t*>(map_) + first, end - first, MADV_DONTNEED);
+  }
 }
 
 void ParamsCache::set_checksums(bool on) {
@@ -780,7 +837,7 @@ void ParamsCache::set_checksums(bool on) {
     e.users++;
     const uint8_t* data = e.data;
     lock.unlock();
-    const uint64_t h = hash_pieces(i, data);
+    const uint64_t h = hash_pieces(i, data, mapped_);
     lock.lock();
     e.checksum = h;
     e.has_checksum = true;

@@ -63,7 +63,7 @@ std::string describe(const MergedSegment& s) {
 
 // Host params of a merged segment's members, as prepare_params left them.
 struct Prepared {
-  std::vector<const uint8_t*> host;  // per member (null where not prepared)
+  std::vector<Model::HostParams> host;  // per member (data null where not prepared)
   uint64_t disk_bytes = 0;
   double start_us = 0;
   double end_us = 0;
@@ -270,13 +270,12 @@ class RunBase {
   Prepared prepare(const MergedSegment& seg, const std::vector<bool>& want) {
     Prepared p;
     p.start_us = wall_clock_us();
-    p.host.assign(seg.last - seg.first + 1, nullptr);
+    p.host.assign(seg.last - seg.first + 1, Model::HostParams{});
     for (size_t b = seg.first; b <= seg.last; b++) {
       const size_t i = b - seg.first;
       if (!want.empty() && !want[i]) continue;
-      const Model::HostParams hp = model_.prepare_params(b);
-      p.host[i] = hp.data;
-      p.disk_bytes += hp.disk_bytes;
+      p.host[i] = model_.prepare_params(b);
+      p.disk_bytes += p.host[i].disk_bytes;
     }
     p.end_us = wall_clock_us();
     return p;
@@ -285,16 +284,19 @@ class RunBase {
   // The copy of the prepared members to `dst[i]`, tensor by tensor so exactly the weights' bytes
   // cross the link (with the zero padding a GPU's quantized rows need, not the packing gaps),
   // queued as one transfer.
-  EventPtr queue_copy(const MergedSegment& seg, const std::vector<const uint8_t*>& host,
+  EventPtr queue_copy(const MergedSegment& seg, const std::vector<Model::HostParams>& host,
                       const std::vector<uint8_t*>& dst) {
     const auto& base = model_.base_segments();
     std::vector<CopyRegion> regions;
     for (size_t b = seg.first; b <= seg.last; b++) {
       const size_t i = b - seg.first;
-      if (!host[i]) continue;
-      for (const SegmentTensor& t : base[b].tensors) {
-        regions.push_back(
-            CopyRegion{dst[i] + t.packed_offset, host[i] + t.packed_offset, t.span_bytes});
+      if (!host[i].data) continue;
+      const auto& tensors = base[b].tensors;
+      for (size_t k = 0; k < tensors.size(); k++) {
+        const SegmentTensor& t = tensors[k];
+        // A mapped file has no padding after a tensor: a padded span copies from a buffer only.
+        const uint64_t bytes = host[i].mapped ? t.nbytes : t.span_bytes;
+        regions.push_back(CopyRegion{dst[i] + t.packed_offset, host[i].piece(k), bytes});
       }
     }
     return device_.copy_stream().copy_batch_async(regions.data(), regions.size());
@@ -307,18 +309,18 @@ class RunBase {
 
   // verify: the device copy of each copied member against its host params' checksum, taken at
   // the member's first use in this job.
-  void verify_copy(int64_t step, const MergedSegment& seg, const std::vector<const uint8_t*>& host,
-                   const std::vector<uint8_t*>& dst) {
+  void verify_copy(int64_t step, const MergedSegment& seg,
+                   const std::vector<Model::HostParams>& host, const std::vector<uint8_t*>& dst) {
     if (!request_.verify) return;
     const auto& base = model_.base_segments();
     std::vector<uint8_t> copy;
     for (size_t b = seg.first; b <= seg.last; b++) {
       const size_t i = b - seg.first;
-      if (!host[i]) continue;
+      if (!host[i].data) continue;
       std::vector<uint64_t>& expected = checksums_[b];
       if (expected.empty()) {
-        for (const SegmentTensor& t : base[b].tensors) {
-          expected.push_back(xxhash64(host[i] + t.packed_offset, t.nbytes, 0));
+        for (size_t k = 0; k < base[b].tensors.size(); k++) {
+          expected.push_back(xxhash64(host[i].piece(k), base[b].tensors[k].nbytes, 0));
         }
       }
       for (size_t k = 0; k < base[b].tensors.size(); k++) {
@@ -338,10 +340,10 @@ class RunBase {
   }
 
   // Disk backend: the copied members' host params are no longer needed.
-  void release_copied(const MergedSegment& seg, const std::vector<const uint8_t*>& host) {
+  void release_copied(const MergedSegment& seg, const std::vector<Model::HostParams>& host) {
     if (request_.params_backend != ParamsBackend::kDisk) return;
     for (size_t b = seg.first; b <= seg.last; b++) {
-      if (host[b - seg.first]) model_.release_params(b);
+      if (host[b - seg.first].data) model_.release_params(b);
     }
   }
 
@@ -734,7 +736,7 @@ class PooledRun : public RunBase {
           landed.prepared = prepare(seg, want);
           const auto& base = model_.base_segments();
           for (size_t b = seg.first; b <= seg.last; b++) {
-            if (!landed.prepared.host[b - seg.first]) {
+            if (!landed.prepared.host[b - seg.first].data) {
               landed.dst[b - seg.first] = nullptr;
             } else {
               landed.bytes += base[b].param_bytes;
