@@ -3,7 +3,7 @@ import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["node_modules/", "dist/", "build/", "gen/"] },
+  { ignores: ["node_modules/", "dist/", "build/", "deps/", "gen/"] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -6,7 +6,8 @@
 //
 // ggml comes from the npm package node-llama-cpp (pinned exactly in package.json): it ships
 // llama/gitRelease.bundle, a git bundle of the llama.cpp release it was built from, whose ggml/
-// directory is extracted once into build/ggml-src/ (nothing is downloaded here). FERRY_GGML_DIR
+// directory is extracted once into deps/ggml/ (nothing is downloaded here; not under build/,
+// which cmake-js may wipe). FERRY_GGML_DIR
 // points at another ggml checkout instead. FERRY_CUDA=1 builds ggml's CUDA backend too (it needs
 // the CUDA toolkit with cuBLAS); FERRY_PORTABLE=1 builds without -march=native.
 import { spawnSync } from "node:child_process";
@@ -48,7 +49,7 @@ function buildProto() {
   run("protos → gen/ (buf generate, ts-proto)", bin("buf"), ["generate"]);
 }
 
-/** Where ggml's sources are: FERRY_GGML_DIR, or build/ggml-src extracted from the bundle. */
+/** Where ggml's sources are: FERRY_GGML_DIR, or deps/ggml extracted from the bundle. */
 function ggmlSources() {
   const override = process.env.FERRY_GGML_DIR;
   if (override) {
@@ -68,7 +69,7 @@ function ggmlSources() {
       `${bundle} is missing: run \`npm ci\` (the node-llama-cpp package carries ggml's sources), or set FERRY_GGML_DIR to a ggml checkout.`,
     );
   }
-  const dest = join(root, "build", "ggml-src");
+  const dest = join(root, "deps", "ggml");
   const stamp = join(dest, ".ferry-bundle-sha256");
   const digest = createHash("sha256").update(readFileSync(bundle)).digest("hex");
   if (existsSync(stamp) && readFileSync(stamp, "utf8").trim() === digest) return dest;
@@ -77,7 +78,7 @@ function ggmlSources() {
     ["--version"],
     "Install git (Debian: apt-get install git): ggml is extracted from a git bundle.",
   );
-  const scratch = join(root, "build", "ggml-bundle.git");
+  const scratch = join(root, "deps", "ggml-bundle.git");
   const partial = `${dest}.partial`;
   rmSync(scratch, { recursive: true, force: true });
   rmSync(partial, { recursive: true, force: true });

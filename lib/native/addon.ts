@@ -107,6 +107,10 @@ export function loadAddon(): NativeAddon {
       `Ferry's native addon is not built: ${path} is missing. Run \`npm run build:native\` (needs CMake and a C++17 compiler).`,
     );
   }
+  // ggml's compute threads are OpenMP's: waiting passively between graph nodes keeps them from
+  // spinning away the cores that other executors, the copy thread and the loader share. Read by
+  // the OpenMP runtime when the addon loads, so it is set before (a user's choice wins).
+  process.env.OMP_WAIT_POLICY ??= "PASSIVE";
   // createRequire works the same from the TypeScript sources (vitest) and from dist/.
   cached = createRequire(join(packageRoot(), "package.json"))(path) as NativeAddon;
   return cached;
