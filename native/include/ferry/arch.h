@@ -100,11 +100,16 @@ class ModelArch {
   virtual void check_job(const JobShape& job) const = 0;
   virtual std::vector<ActivationSpec> activations(const JobShape& job) const = 0;
   // Fills `out` (spec.elements() floats) with a generated value for an input the request did not
-  // give: by default initial_input(seed) (runner.h), uniform in [-1, 1).
-  virtual void generate_input(const ActivationSpec& spec, uint64_t seed,
+  // give: by default initial_input(seed) (runner.h), uniform in [-1, 1). False: this input is not
+  // generated but filled by prepare_job (a guidance scale from the options).
+  virtual bool generate_input(const ActivationSpec& spec, uint64_t seed,
                               std::vector<float>& out) const;
-  // Computes kJobState activations from the inputs (already in `host`), adding them to `host`.
-  virtual void prepare_job(const JobShape& job, HostTensors& host) const { (void)job, (void)host; }
+  // Computes kJobState activations (and inputs that come from the options, like a guidance
+  // scale) from the inputs already in `host`, adding them to `host`.
+  virtual void prepare_job(const JobShape& job, const SamplerOptions& options,
+                           HostTensors& host) const {
+    (void)job, (void)options, (void)host;
+  }
   // Adds base segment `index`'s forward to `graph`, over `weights` (placed tensors, in
   // SegmentSpec order) and the job's activations; results are copied into their activations.
   virtual void build_segment(ggml_context* ctx, ggml_cgraph* graph, size_t index,

@@ -11,10 +11,11 @@ ggml_tensor* Activations::get(const std::string& name) const {
   return it->second;
 }
 
-void ModelArch::generate_input(const ActivationSpec& spec, uint64_t seed,
+bool ModelArch::generate_input(const ActivationSpec& spec, uint64_t seed,
                                std::vector<float>& out) const {
   out.resize(static_cast<size_t>(spec.elements()));
   initial_input(seed, out.data(), out.size());
+  return true;
 }
 
 std::unique_ptr<ModelArch> arch_for_file(const ModelFile& file) {

@@ -163,7 +163,11 @@ class CpuCopyStream final : public Stream {
       std::exception_ptr error;
       Clock::time_point start = Clock::now();
       try {
-        if (task.wait_for) task.wait_for->wait();
+        if (task.wait_for) {
+          task.wait_for->wait();
+          // Transfers queued behind the wait start on the link only now, not when queued.
+          link_free_ = std::max(link_free_, Clock::now());
+        }
         if (!task.regions.empty()) start = transfer(task);
       } catch (...) {
         error = std::current_exception();

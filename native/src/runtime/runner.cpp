@@ -187,15 +187,18 @@ class RunBase {
     for (const ActivationSpec& a : graphs_->activation_specs()) {
       if (a.role != Role::kInput && a.role != Role::kLatent) continue;
       const auto given = request_.inputs.find(a.name);
-      std::vector<float>& values = host[a.name];
       if (given != request_.inputs.end()) {
-        values = given->second;
+        host[a.name] = given->second;
+      } else if (model_.arch().generate_input(a, request_.seed + (generated << 32), host[a.name])) {
+        // generated from the seed
       } else {
-        model_.arch().generate_input(a, request_.seed + (generated << 32), values);
+        host.erase(a.name);  // the architecture fills it in prepare_job
       }
       generated++;
     }
-    model_.arch().prepare_job(request_.job, host);
+    SamplerOptions options = request_.sampler;
+    options.steps = request_.steps;
+    model_.arch().prepare_job(request_.job, options, host);
     for (const ActivationSpec& a : graphs_->activation_specs()) {
       const auto it = host.find(a.name);
       if (it == host.end()) continue;
@@ -482,7 +485,9 @@ class FreshRun : public RunBase {
         pending.report.events[head].source =
             current.seg ? current.prepared.disk_bytes > 0 ? ParamSource::kDisk : ParamSource::kHost
                         : ParamSource::kResident;
-        if (lookahead) {
+        // One copy ahead at a time: a resident segment's lookahead may already have queued the
+        // next streamed segment's copy (replacing it would free its buffer under the transfer).
+        if (lookahead && !ahead.seg) {
           for (size_t n = k + 1; n < plan_.size(); n++) {
             if (!needs_upload(plan_[n])) continue;
             ahead = try_start_copy(step, plan_[n]);
@@ -516,6 +521,18 @@ class FreshRun : public RunBase {
     DeviceBuffer buffer;
     EventPtr done;
     double queued_us = 0;
+    Copy() = default;
+    Copy(Copy&&) = default;
+    Copy& operator=(Copy&&) = default;
+    // A copy still in flight when the run ends early (a cancellation, a failed segment) must land
+    // before its buffer goes back to the arena, where the next allocation could take it.
+    ~Copy() {
+      if (!done) return;
+      try {
+        done->wait();
+      } catch (...) {
+      }
+    }
   };
 
   bool needs_upload(const MergedSegment& seg) const {
@@ -617,6 +634,7 @@ class PooledRun : public RunBase {
  private:
   // A copy the copy thread queued, handed to the compute thread in the order it computes them.
   struct Landed {
+    const MergedSegment* seg = nullptr;
     Prepared prepared;
     std::vector<uint8_t*> dst;  // per member (null where nothing was copied)
     uint64_t bytes = 0;
@@ -725,6 +743,7 @@ class PooledRun : public RunBase {
             if (stop_) return;
           }
           Landed landed;
+          landed.seg = &seg;
           std::vector<bool> want;
           if (seg.resident) {
             want = to_upload_[seg.index];
@@ -841,6 +860,12 @@ class PooledRun : public RunBase {
       for (const EventPtr& e : slot_free_) {
         if (e) e->wait();
       }
+      // Copies queued ahead that no segment consumed (the run was cancelled or failed): the disk
+      // backend's host params they hold go back, or the cache would keep them for good.
+      for (const Landed& l : landed_) {
+        if (l.seg) release_copied(*l.seg, l.prepared.host);
+      }
+      landed_.clear();
     } catch (...) {
     }
   }
