@@ -6,7 +6,12 @@
 import { basename } from "node:path";
 import { ditSegmentNames, baseSegmentOf } from "./dit";
 import { segmentFootprint } from "./footprint";
-import { checkDitModelTensors, readModelHeader, requireDitConfig } from "./modelFile";
+import {
+  checkDitModelTensors,
+  readModelHeader,
+  requireDitConfig,
+  type ModelHeader,
+} from "./modelFile";
 import type { BaseSegment, ModelProfile } from "./profile";
 
 export { segmentFootprint, type DitFootprint, type SegmentFootprint } from "./footprint";
@@ -28,7 +33,15 @@ export async function modelProfileFromFile(
   path: string,
   options: ModelProfileOptions,
 ): Promise<ModelProfile> {
-  const header = await readModelHeader(path);
+  return modelProfileFromHeader(await readModelHeader(path), options);
+}
+
+/** {@link modelProfileFromFile} from a header already read (the scheduler caches headers). */
+export function modelProfileFromHeader(
+  header: ModelHeader,
+  options: ModelProfileOptions,
+): ModelProfile {
+  const path = header.path;
   const config = requireDitConfig(header);
   const tensors = checkDitModelTensors(header, config);
   const footprint = segmentFootprint(config, options.batch, options.tokens);

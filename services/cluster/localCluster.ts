@@ -1,8 +1,13 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
+import { ExecutorState } from "../../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../../lib/client/schedulerClient";
 import { packageRoot } from "../../lib/packageInfo";
-import { startSchedulerServer, type SchedulerServer } from "../scheduler/server";
+import {
+  startSchedulerServer,
+  type SchedulerServer,
+  type SchedulerServerOptions,
+} from "../scheduler/server";
 
 /**
  * A scheduler on a loopback port and executor processes started from the built CLI, as an
@@ -24,6 +29,8 @@ export interface ExecutorSpec {
   /** Kernel threads. @default 0 (one per core) */
   threads?: number;
   env?: NodeJS.ProcessEnv;
+  /** More `ferry executor` flags (e.g. --token-file). @default [] */
+  args?: string[];
 }
 
 export function spawnExecutorProcess(
@@ -47,6 +54,7 @@ export function spawnExecutorProcess(
       String(spec.linkGbps ?? 0),
       "--threads",
       String(spec.threads ?? 0),
+      ...(spec.args ?? []),
     ],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...spec.env } },
   );
@@ -64,13 +72,21 @@ export async function waitForExecutors(
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     const { executors } = await client.listExecutors();
-    if (executors.length >= count) return;
+    if (executors.filter((e) => e.state === ExecutorState.EXECUTOR_STATE_CONNECTED).length >= count)
+      return;
     await new Promise((done) => setTimeout(done, 50));
   }
   throw new Error(`executors did not register in time; their output:\n${logs.join("")}`);
 }
 
-export async function startCluster(executorSpecs: ExecutorSpec[]): Promise<Cluster> {
+/**
+ * `options` go to the scheduler: at least `modelDirs`, the directories the jobs' models are in
+ * (the scheduler refuses every other file). The job database is in memory unless `db` says.
+ */
+export async function startCluster(
+  executorSpecs: ExecutorSpec[],
+  options: SchedulerServerOptions = {},
+): Promise<Cluster> {
   const logs: string[] = [];
   const server = await startSchedulerServer({
     listen: "127.0.0.1:0",
@@ -79,8 +95,9 @@ export async function startCluster(executorSpecs: ExecutorSpec[]): Promise<Clust
     heartbeatIntervalMs: 500,
     heartbeatMissLimit: 20,
     log: (line) => logs.push(`${line}\n`),
+    ...options,
   });
-  const client = new SchedulerClient(server.address);
+  const client = new SchedulerClient(server.address, { token: options.token });
   const executors = executorSpecs.map((spec) => spawnExecutorProcess(server.address, spec, logs));
   await waitForExecutors(client, executorSpecs.length, logs);
   return {
