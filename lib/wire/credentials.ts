@@ -69,18 +69,22 @@ export function loadToken(
   return token ? token : undefined;
 }
 
-/** A CertificateProvider over files read once (restart to rotate). */
+/**
+ * A CertificateProvider over files read once (restart to rotate). It answers a new listener on
+ * the next microtask: grpc-js registers the server's watcher only after adding these listeners,
+ * and an answer given before that would be lost.
+ */
 class StaticCertificates implements experimental.CertificateProvider {
   constructor(
     private readonly ca: Buffer,
     private readonly identity: { certificate: Buffer; privateKey: Buffer },
   ) {}
   addCaCertificateListener(listener: experimental.CaCertificateUpdateListener): void {
-    listener({ caCertificate: this.ca });
+    queueMicrotask(() => listener({ caCertificate: this.ca }));
   }
   removeCaCertificateListener(): void {}
   addIdentityCertificateListener(listener: experimental.IdentityCertificateUpdateListener): void {
-    listener(this.identity);
+    queueMicrotask(() => listener(this.identity));
   }
   removeIdentityCertificateListener(): void {}
 }
