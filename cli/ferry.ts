@@ -5,6 +5,7 @@ import * as bench from "./commands/bench";
 import * as demo from "./commands/demo";
 import * as executor from "./commands/executor";
 import * as genModel from "./commands/genModel";
+import * as health from "./commands/health";
 import * as inspect from "./commands/inspect";
 import * as plan from "./commands/plan";
 import * as run from "./commands/run";
@@ -17,7 +18,7 @@ export function buildProgram(): Command {
     .description("Run models that do not fit in GPU memory: plan, stream, trace.")
     .version(ferryVersion())
     .showHelpAfterError();
-  for (const command of [demo, serve, executor, run, plan, genModel, inspect, bench, trace])
+  for (const command of [demo, serve, executor, run, plan, genModel, inspect, bench, trace, health])
     command.register(program);
   return program;
 }
