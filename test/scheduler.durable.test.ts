@@ -6,8 +6,14 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
-import { spawnExecutorProcess, waitForExecutors } from "../services/cluster/localCluster";
-import { exited, freePort, spawnScheduler, stopChild } from "./helpers/schedulerProcess";
+import {
+  exited,
+  freePort,
+  spawnExecutorProcess,
+  spawnSchedulerProcess as spawnScheduler,
+  stopProcess as stopChild,
+  waitForExecutors,
+} from "../services/cluster/localCluster";
 
 // A real `ferry serve` process with a database on disk, stopped (SIGTERM) and killed (SIGKILL)
 // while it holds running and queued jobs, and real executor processes that outlive it.

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from "node:child_process";
+import { createServer } from "node:net";
 import { join } from "node:path";
 import { ExecutorState } from "../../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../../lib/client/schedulerClient";
@@ -118,4 +119,52 @@ export async function startCluster(
       await server.close(1000);
     },
   };
+}
+
+/** A free loopback port (bound, read, released): for a scheduler that restarts on one address. */
+export async function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+/** `ferry serve` as its own process, from the built CLI, as an operator would run it. */
+export function spawnSchedulerProcess(
+  args: string[],
+  logs: string[],
+  env: NodeJS.ProcessEnv = {},
+): ChildProcess {
+  const cli = join(packageRoot(), "dist", "cli", "ferry.js");
+  const child = spawn(process.execPath, [cli, "serve", ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...env },
+  });
+  child.stdout?.on("data", (chunk: Buffer) => logs.push(chunk.toString()));
+  child.stderr?.on("data", (chunk: Buffer) => logs.push(chunk.toString()));
+  return child;
+}
+
+/** Waits for a child to exit; resolves with its exit code, or its signal's name. */
+export function exited(child: ChildProcess): Promise<number | string> {
+  if (child.exitCode !== null) return Promise.resolve(child.exitCode);
+  if (child.signalCode !== null) return Promise.resolve(child.signalCode);
+  return new Promise((resolveExit) =>
+    child.once("exit", (code, signal) => resolveExit(code ?? signal ?? -1)),
+  );
+}
+
+/** Sends a signal and waits for the exit. */
+export async function stopProcess(
+  child: ChildProcess,
+  signal: NodeJS.Signals = "SIGTERM",
+): Promise<number | string> {
+  if (child.exitCode !== null || child.signalCode !== null) return exited(child);
+  const done = exited(child);
+  child.kill(signal);
+  return done;
 }
