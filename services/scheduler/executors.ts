@@ -73,9 +73,22 @@ export class ExecutorEntry {
     return this.state === "connected" && this.stream !== undefined;
   }
 
-  /** Runs nothing and carries out no command: a job can start now. */
+  /**
+   * Runs nothing and carries out no command: a job can start now. A job the executor still
+   * reports running (one it is winding down after a cancel) keeps it busy too.
+   */
   get idle(): boolean {
-    return this.connected && this.running.size === 0 && !this.commandInFlight;
+    return (
+      this.connected &&
+      this.running.size === 0 &&
+      !this.commandInFlight &&
+      this.holdings.runningJobIds.length === 0
+    );
+  }
+
+  /** A job's result arrived: the executor no longer runs it, whatever its last report said. */
+  finishedRunning(jobId: string): void {
+    this.holdings.runningJobIds = this.holdings.runningJobIds.filter((id) => id !== jobId);
   }
 
   send(message: ConnectResponse["message"]): void {

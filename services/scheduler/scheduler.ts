@@ -306,11 +306,28 @@ export class Scheduler {
         );
       }
     }
-    for (const id of reported) {
+    for (const id of new Set([...reported, ...held])) {
       const job = this.jobs.get(id);
-      if (!job || !entry.running.has(job)) {
-        entry.send({ $case: "cancelRun", value: { jobId: id } });
+      if (job && entry.running.has(job)) continue;
+      // Re-queued while its executor was away, and not started elsewhere yet: it still runs
+      // here (or its result is on its way), so it carries on here.
+      if (
+        job &&
+        job.state === JobState.JOB_STATE_QUEUED &&
+        job.executorId === entry.id &&
+        !job.cancelRequested &&
+        this.queue.remove(job)
+      ) {
+        job.state = JobState.JOB_STATE_RUNNING;
+        entry.running.add(job);
+        this.store.save(job);
+        this.log(
+          `ferry scheduler: job ${job.id} carries on where it ran: executor ${entry.id} still has it`,
+        );
+        if (!job.profile) void this.prepare(job);
+        continue;
       }
+      if (reported.has(id)) entry.send({ $case: "cancelRun", value: { jobId: id } });
     }
   }
 
@@ -898,6 +915,7 @@ export class Scheduler {
     const mine = job !== undefined && entry.running.has(job);
     if (body.$case === "result") {
       entry.send({ $case: "resultReceived", value: { jobId } });
+      entry.finishedRunning(jobId);
       if (!mine) {
         this.log(
           `ferry scheduler: ignored a result for job ${quote(jobId)} from executor ${entry.id}: the job is not running there`,
@@ -907,6 +925,17 @@ export class Scheduler {
       entry.running.delete(job);
       entry.markWarm(job.spec.modelPath);
       const result = body.value;
+      // UNAVAILABLE from an executor is transient (it was busy, or its device went away): the
+      // job goes back to the queue while it has attempts left.
+      if (
+        result.state === JobState.JOB_STATE_FAILED &&
+        result.error?.code === "UNAVAILABLE" &&
+        !job.cancelRequested
+      ) {
+        this.requeueOrFail(job, `executor ${entry.id}: ${result.error.message}`);
+        this.schedulePass();
+        return;
+      }
       const { steps, omitted } = boundSteps(result.steps);
       let state = result.state;
       if (!DONE_STATES.has(state)) state = JobState.JOB_STATE_FAILED;
