@@ -1,4 +1,5 @@
-import { execFileSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
+import { promisify } from "node:util";
 import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -6,7 +7,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
+import { packageRoot } from "../lib/packageInfo";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
+
+const run = promisify(execFile);
+const ferry = (...args: string[]) =>
+  run(process.execPath, [join(packageRoot(), "dist", "cli", "ferry.js"), ...args]);
 
 const codeOf = (error: unknown) => (error as FerryClientError).code;
 
@@ -182,4 +188,36 @@ describe("the model repository", () => {
     const executor = (await cluster.client.listExecutors()).executors[0];
     expect(executor.warmModels).toContain("tiny");
   });
+
+  it("`ferry models --json` and `ferry run --json` print JSON alone on stdout", async () => {
+    const address = cluster.server.address;
+    const listed = await ferry("models", "list", "--json", "--scheduler", address);
+    expect(JSON.parse(listed.stdout).map((m: { name: string }) => m.name)).toContain("tiny");
+    const ran = await ferry(
+      "run",
+      "--model",
+      "tiny",
+      "--steps",
+      "2",
+      "--tokens",
+      "8",
+      "--json",
+      "--scheduler",
+      address,
+    );
+    const parsed = JSON.parse(ran.stdout);
+    expect(parsed.checksum).toMatch(/^[0-9a-f]{64}$/);
+    expect(parsed.plan.segments.length).toBeGreaterThan(0);
+    expect(ran.stderr).toMatch(/^job job-/);
+    const jobs = await ferry(
+      "jobs",
+      "list",
+      "--state",
+      "succeeded",
+      "--json",
+      "--scheduler",
+      address,
+    );
+    expect(JSON.parse(jobs.stdout).map((j: { jobId: string }) => j.jobId)).toContain(parsed.job_id);
+  }, 60_000);
 });
