@@ -133,7 +133,7 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     expect(failed.state).toBe(JobState.JOB_STATE_FAILED);
     expect(failed.error?.code).toBe("UNAVAILABLE");
     expect(failed.error?.message).toContain("a-gpu");
-    expect(failed.error?.message).toMatch(/not run again \(attempt 1 of 1\)/);
+    expect(failed.error?.message).toMatch(/asked for executor a-gpu, which is gone/);
     // The queued job runs on b-gpu once b-gpu's long job is cancelled.
     await client.cancelJob(second.jobId);
     const moved = await thirdResult;

@@ -134,6 +134,23 @@ describe("the executor registry", () => {
     expect((await client.getJob(submitted.jobId)).attempts).toBe(2);
   });
 
+  it("fails a job whose executor keeps dying, after its last attempt, saying so", async () => {
+    let executor = fake("gpu-f");
+    await executor.connect();
+    const submitted = await client.submitJob(spec());
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      expect((await executor.nextRun()).jobId).toBe(submitted.jobId);
+      executor.drop();
+      // Each time a new process with the id comes back without the job.
+      executor = fake("gpu-f");
+      await executor.connect();
+    }
+    const result = await client.watchJob(submitted.jobId);
+    expect(result.state).toBe(JobState.JOB_STATE_FAILED);
+    expect(result.error?.code).toBe("UNAVAILABLE");
+    expect(result.error?.message).toMatch(/gpu-f came back without the job.*attempt 3 of 3/);
+  });
+
   it("marks a silent executor lost and lists devices, memory and models", async () => {
     const a = fake("gpu-e", undefined, { name: "fake-e", totalBytes: 1 << 30 });
     a.models = [{ path: modelPath, hostCacheBytes: 1234, pinned: true }];
@@ -144,12 +161,19 @@ describe("the executor registry", () => {
     expect(listed.freeBytes).toBe(1 << 30);
     expect(listed.warmModels).toEqual(["tiny"]);
     expect(listed.models[0].hostCacheBytes).toBe(1234);
+    const pinned = await client.submitJob(spec({ executorId: "gpu-e" }));
+    await a.nextRun();
     a.drop();
     // 5 missed 100 ms heartbeats.
     await new Promise((done) => setTimeout(done, 900));
     const lost = (await client.listExecutors()).executors.find((e) => e.executorId === "gpu-e")!;
     expect(lost.state).toBe(ExecutorState.EXECUTOR_STATE_LOST);
     expect(logs.join("\n")).toMatch(/executor gpu-e lost/);
+    // Its job asked for it: it fails, naming the executor, rather than wait forever.
+    const failed = await client.watchJob(pinned.jobId);
+    expect(failed.state).toBe(JobState.JOB_STATE_FAILED);
+    expect(failed.error?.code).toBe("UNAVAILABLE");
+    expect(failed.error?.message).toMatch(/gpu-e/);
   });
 
   it("checks Register: a device is required and every number is range-checked", async () => {

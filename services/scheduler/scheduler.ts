@@ -970,6 +970,17 @@ export class Scheduler {
       this.finishJob(job, JobState.JOB_STATE_CANCELLED, status.CANCELLED, `cancelled (${reason})`);
       return;
     }
+    // A job that asked for one executor can only wait for that one while it may come back.
+    const asked = job.spec.executorId ? this.executors.get(job.spec.executorId) : undefined;
+    if (job.spec.executorId && (!asked || asked.state === "lost")) {
+      this.finishJob(
+        job,
+        JobState.JOB_STATE_FAILED,
+        status.UNAVAILABLE,
+        `${reason}; the job asked for executor ${job.spec.executorId}, which is gone`,
+      );
+      return;
+    }
     if (job.attempts < this.maxAttempts && this.lifecycle === "running") {
       this.log(`ferry scheduler: job ${job.id} queued again: ${reason}`);
       job.state = JobState.JOB_STATE_QUEUED;
