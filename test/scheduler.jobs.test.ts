@@ -243,6 +243,10 @@ describe("jobs", () => {
     expect((huge as Error).message).toMatch(/output would be/);
     const page = await client.listJobs({ pageSize: 5000 }).catch((e: unknown) => e);
     expect(codeOf(page)).toBe("INVALID_ARGUMENT");
+    // A uint64 past 2^53 cannot be decoded into a number: refused, not INTERNAL.
+    const seed = await client.submitJob(spec({ seed: 2 ** 60 })).catch((e: unknown) => e);
+    expect(codeOf(seed)).toBe("INVALID_ARGUMENT");
+    expect((seed as Error).message).toMatch(/could not be decoded/);
   });
 
   it("refuses a job that fits no executor's budget with RESOURCE_EXHAUSTED", async () => {

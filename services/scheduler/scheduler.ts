@@ -34,6 +34,7 @@ import {
   MAX_VRAM_GIB,
   DEFAULT_PAGE_SIZE,
 } from "../../lib/wire/limits";
+import { checkDecoded } from "../../lib/wire/decoding";
 import { boundSteps } from "../../lib/wire/stepHistory";
 import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
 import {
@@ -186,9 +187,10 @@ export class Scheduler {
   attachExecutor(stream: ExecutorStream): void {
     let entry: ExecutorEntry | undefined;
     stream.on("data", (request: ConnectRequest) => {
-      const message = request.message;
-      if (!message) return;
+      const message = request?.message;
       try {
+        checkDecoded(request);
+        if (!message) return;
         if (message.$case === "register") {
           if (entry) return;
           entry = this.register(stream, message.value);

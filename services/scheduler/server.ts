@@ -30,6 +30,7 @@ import {
 } from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
 import { ferryPackageDefinition } from "../../lib/wire/protoDefinition";
+import { checkDecoded, tolerantDecoding } from "../../lib/wire/decoding";
 import { StatusError, toStatusError } from "../../lib/wire/statusError";
 import type { ExecutorStream } from "./executors";
 import { JobStore } from "./jobStore";
@@ -80,10 +81,15 @@ function unary<Req, Res>(
   log: (line: string) => void,
 ): (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => void {
   return (call, callback) => {
-    body(call).then(
-      (response) => callback(null, response),
-      (error) => callback(toStatusError(error, log)),
-    );
+    Promise.resolve()
+      .then(() => {
+        checkDecoded(call.request);
+        return body(call);
+      })
+      .then(
+        (response) => callback(null, response),
+        (error) => callback(toStatusError(error, log)),
+      );
   };
 }
 
@@ -136,6 +142,7 @@ function serviceImplementation(
     watchJob: (call: ServerWritableStream<WatchJobRequest, WatchJobResponse>) => {
       let job;
       try {
+        checkDecoded(call.request);
         job = scheduler.getJob(call.request.jobId);
       } catch (error) {
         failStream(call, error, log);
@@ -242,7 +249,7 @@ export async function startSchedulerServer(
     interceptors: options.token ? [tokenInterceptor(options.token)] : [],
   });
   server.addService(
-    SchedulerServiceService,
+    tolerantDecoding(SchedulerServiceService),
     serviceImplementation(scheduler, log, Boolean(options.tls?.clientCaFile)),
   );
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
