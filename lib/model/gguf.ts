@@ -425,9 +425,9 @@ export async function readGgufHeader(
   options: ReadGgufOptions = {},
 ): Promise<GgufHeader> {
   const maxHeaderBytes = options.maxHeaderBytes ?? DEFAULT_MAX_HEADER_BYTES;
-  const fh = await openRegularFile(path);
+  const { fh, info } = await openRegularFile(path);
   try {
-    const fileBytes = (await fh.stat()).size;
+    const fileBytes = info.size;
     const cur: HeaderCursor = new HeaderCursor(fh, path, fileBytes, maxHeaderBytes);
     if (fileBytes < 4) {
       cur.fail(`file is too short to be GGUF (${fileBytes} bytes; the magic alone needs 4)`);

@@ -57,7 +57,7 @@ export type ModelHeader =
 
 /** Sniffs a file's format from its first bytes: "GGUF" magic, or a safetensors JSON header. */
 export async function sniffModelFormat(path: string): Promise<ModelFormat> {
-  const fh = await openRegularFile(path);
+  const { fh } = await openRegularFile(path);
   try {
     const head = new Uint8Array(9);
     const { bytesRead } = await fh.read(head, 0, 9, 0);

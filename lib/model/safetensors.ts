@@ -99,9 +99,9 @@ function describe(value: unknown): string {
  * naming the file and the tensor.
  */
 export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
-  const fh = await openRegularFile(path);
+  const { fh, info } = await openRegularFile(path);
   try {
-    const fileBytes = (await fh.stat()).size;
+    const fileBytes = info.size;
     const fail = (problem: string): never => {
       throw new ModelFormatError(`${path}: ${problem}`);
     };

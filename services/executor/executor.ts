@@ -294,8 +294,8 @@ export class Executor {
    * `pin` keeps it open until UnloadModel.
    */
   private async openModel(path: string, pin = false): Promise<NativeModel> {
-    const handle = await openRegularFile(path);
-    const info = await handle.stat().finally(() => handle.close());
+    const { fh, info } = await openRegularFile(path);
+    await fh.close();
     const cached = this.warm.get(path);
     if (cached && cached.mtimeMs === info.mtimeMs && cached.size === info.size) {
       // Refresh its place in the LRU order.

@@ -118,9 +118,8 @@ export class ModelRepository {
       let bytes: number;
       let mtimeMs: number;
       try {
-        const fh = await openRegularFile(real);
+        const { fh, info } = await openRegularFile(real);
         try {
-          const info = await fh.stat();
           bytes = info.size;
           mtimeMs = info.mtimeMs;
         } finally {
