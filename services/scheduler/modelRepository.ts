@@ -262,7 +262,8 @@ export class ModelRepository {
       }
       if (info.architecture === "ferry-dit") {
         try {
-          modelProfileFromHeader(header, { batch: 1, tokens: 1 });
+          // Awaited: on the ggml native layer, profiles are measured by the addon, asynchronously.
+          await modelProfileFromHeader(header, { batch: 1, tokens: 1 });
         } catch (error) {
           info.error = shortError(error);
         }
