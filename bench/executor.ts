@@ -24,7 +24,7 @@
  */
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Command } from "commander";
 import type { JobResult, JobSpec, Plan as PlanMessage } from "../gen/ferry/v1/scheduler";
 import { startCluster } from "../services/cluster/localCluster";
@@ -367,9 +367,10 @@ export async function runExecutorBench(
     let grpcOverDirect: number | null = null;
     if (options.grpc ?? true) {
       log("running the job through a scheduler and an executor process");
-      const cluster = await startCluster([
-        { id: "bench", vram: String(budget + SDCPP_MARGIN_BYTES), linkGbps, threads },
-      ]);
+      const cluster = await startCluster(
+        [{ id: "bench", vram: String(budget + SDCPP_MARGIN_BYTES), linkGbps, threads }],
+        { modelDirs: [dirname(path)] },
+      );
       const spec: JobSpec = {
         modelPath: path,
         steps,

@@ -52,9 +52,10 @@ export async function runPredictBench(
   const modelPath = join(dir, "model.safetensors");
   const hidden = options.hidden ?? 512;
   await genModel(modelPath, { blocks: options.blocks ?? 8, hidden, heads: hidden / 64 });
-  const cluster = await startCluster([
-    { id: "bench-gpu", vram: "2GiB", linkGbps: options.linkGbps ?? 2 },
-  ]);
+  const cluster = await startCluster(
+    [{ id: "bench-gpu", vram: "2GiB", linkGbps: options.linkGbps ?? 2 }],
+    { modelDirs: [dir] },
+  );
   try {
     const spec = (policy: string, steps: number): JobSpec => ({
       modelPath,

@@ -5,7 +5,10 @@ import * as bench from "./commands/bench";
 import * as demo from "./commands/demo";
 import * as executor from "./commands/executor";
 import * as genModel from "./commands/genModel";
+import * as health from "./commands/health";
 import * as inspect from "./commands/inspect";
+import * as jobs from "./commands/jobs";
+import * as models from "./commands/models";
 import * as plan from "./commands/plan";
 import * as run from "./commands/run";
 import * as serve from "./commands/serve";
@@ -17,7 +20,20 @@ export function buildProgram(): Command {
     .description("Run models that do not fit in GPU memory: plan, stream, trace.")
     .version(ferryVersion())
     .showHelpAfterError();
-  for (const command of [demo, serve, executor, run, plan, genModel, inspect, bench, trace])
+  for (const command of [
+    demo,
+    serve,
+    executor,
+    run,
+    jobs,
+    models,
+    plan,
+    genModel,
+    inspect,
+    bench,
+    trace,
+    health,
+  ])
     command.register(program);
   return program;
 }

@@ -2,7 +2,7 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { ExecutorState, JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { startSchedulerServer } from "../services/scheduler/server";
@@ -35,10 +35,19 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-failures-"));
     modelPath = join(dir, "tiny.safetensors");
     await genModel(modelPath, { blocks: 2, hidden: 32, heads: 2, channels: 4 });
-    cluster = await startCluster([
-      { id: "a-gpu", vram: "2GiB" },
-      { id: "b-gpu", vram: "2GiB" },
-    ]);
+    cluster = await startCluster(
+      [
+        { id: "a-gpu", vram: "2GiB" },
+        { id: "b-gpu", vram: "2GiB" },
+      ],
+      {
+        modelDirs: [dir],
+        // One start per job, so a lost executor fails its job (re-runs: scheduler.durable.test),
+        // and a lost executor is noticed within a few seconds.
+        maxAttempts: 1,
+        heartbeatMissLimit: 8,
+      },
+    );
   });
 
   afterAll(async () => {
@@ -47,7 +56,11 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
   });
 
   it("says no executor is connected", async () => {
-    const server = await startSchedulerServer({ listen: "127.0.0.1:0", log: () => {} });
+    const server = await startSchedulerServer({
+      listen: "127.0.0.1:0",
+      modelDirs: [dir],
+      log: () => {},
+    });
     const client = new SchedulerClient(server.address);
     try {
       const error = await client.submitJob(baseSpec(modelPath)).catch((e: unknown) => e);
@@ -98,17 +111,17 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     expect(codeOf(await client.cancelJob("job-missing").catch((e) => e))).toBe("NOT_FOUND");
   });
 
-  it("fails the running job of an executor that dies, and moves its queued jobs", async () => {
+  it("fails the running job of an executor that dies, and runs the queued job elsewhere", async () => {
     const { client, executors } = cluster;
-    const long = baseSpec(modelPath, { steps: 1_000_000 });
-    // a-gpu and b-gpu are idle: the first job goes to a-gpu, the second to b-gpu, the third
-    // queues behind the first on a-gpu (ties go by id).
-    const first = await client.submitJob(long);
-    const second = await client.submitJob(long);
+    const long = (executorId: string) => baseSpec(modelPath, { steps: 1_000_000, executorId });
+    // Both executors busy with long jobs: the third job waits in the queue.
+    const first = await client.submitJob(long("a-gpu"));
+    const second = await client.submitJob(long("b-gpu"));
     const third = await client.submitJob(baseSpec(modelPath, { steps: 3 }));
     expect(first.executorId).toBe("a-gpu");
     expect(second.executorId).toBe("b-gpu");
-    expect(third.executorId).toBe("a-gpu");
+    expect(third.executorId).toBe("");
+    expect(third.state).toBe(JobState.JOB_STATE_QUEUED);
     const firstResult = client.watchJob(first.jobId);
     const thirdResult = client.watchJob(third.jobId);
     // Let a-gpu start computing, then kill it without a goodbye.
@@ -120,12 +133,16 @@ describe("bad input and failures get clear errors, and no job is lost", () => {
     expect(failed.state).toBe(JobState.JOB_STATE_FAILED);
     expect(failed.error?.code).toBe("UNAVAILABLE");
     expect(failed.error?.message).toContain("a-gpu");
-    // The queued job moved to b-gpu; it runs once b-gpu's long job is cancelled.
+    expect(failed.error?.message).toMatch(/asked for executor a-gpu, which is gone/);
+    // The queued job runs on b-gpu once b-gpu's long job is cancelled.
     await client.cancelJob(second.jobId);
     const moved = await thirdResult;
     expect(moved.state).toBe(JobState.JOB_STATE_SUCCEEDED);
     expect(moved.executorId).toBe("b-gpu");
     const { executors: left } = await client.listExecutors();
-    expect(left.map((e) => e.executorId)).toEqual(["b-gpu"]);
+    expect(left.map((e) => [e.executorId, ExecutorState[e.state]])).toEqual([
+      ["a-gpu", "EXECUTOR_STATE_LOST"],
+      ["b-gpu", "EXECUTOR_STATE_CONNECTED"],
+    ]);
   });
 });

@@ -23,9 +23,10 @@ describe("a job end to end", () => {
     modelPath = join(dir, "tiny.safetensors");
     traceFile = join(dir, "executor-trace.jsonl");
     await genModel(modelPath, { blocks: 3, hidden: 64, heads: 4, channels: 8, seed: 7 });
-    cluster = await startCluster([
-      { id: "gpu0", vram: "2GiB", env: { FERRY_TRACE_FILE: traceFile } },
-    ]);
+    cluster = await startCluster(
+      [{ id: "gpu0", vram: "2GiB", env: { FERRY_TRACE_FILE: traceFile } }],
+      { modelDirs: [dir] },
+    );
   }, 60_000);
 
   afterAll(async () => {

@@ -305,7 +305,7 @@ describe("readGgufHeader rejects bad files with a ModelFormatError naming the pr
     const notGguf = tinyGguf();
     notGguf[3] = 0x47;
     expect(await errorOf(notGguf)).toBe(
-      'not a GGUF file: starts with 47 47 55 47, expected "GGUF" (47 47 55 46)',
+      'not a GGUF file: it does not start with "GGUF" (47 47 55 46)',
     );
     expect(await errorOf(tinyGguf({ version: 1 }))).toMatch(/GGUF version 1 is not supported/);
     expect(await errorOf(tinyGguf({ version: 0x03000000 }))).toMatch(

@@ -9,6 +9,8 @@
  *   gRPC overhead (bench/executor.ts).
  * - `ferry bench load [--json]`: loader vs raw read rate and cold-start step 1 per load mode
  *   (bench/load.ts).
+ * - `ferry bench scheduler [--json]`: the scheduler under failure — executors SIGKILLed mid-job,
+ *   the scheduler restarted — with every job's outcome and checksum checked (bench/scheduler.ts).
  * - `ferry bench profiles --out DIR`: writes those profiles as profile files
  *   (DIR/models/*.json, DIR/devices/*.json) for `ferry plan --profile … --device-profile …`.
  */
@@ -24,6 +26,7 @@ import {
 } from "../../bench/plan";
 import { registerBenchExecutor } from "../../bench/executor";
 import { registerBenchLoad } from "../../bench/load";
+import { registerBenchScheduler } from "../../bench/scheduler";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
@@ -135,6 +138,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
     });
   registerBenchExecutor(bench);
   registerBenchLoad(bench);
+  registerBenchScheduler(bench);
   bench
     .command("profiles")
     .description("write the bench's model and device profiles as profile files")

@@ -110,9 +110,10 @@ export function register(program: Command): void {
               `${(model.params / 1e6).toFixed(1)} M params, ${formatBytes(model.bytes)}`,
           );
 
-          cluster = await startCluster([
-            { id: "demo-gpu0", vram: flags.vram, linkGbps, env: process.env },
-          ]);
+          cluster = await startCluster(
+            [{ id: "demo-gpu0", vram: flags.vram, linkGbps, env: process.env }],
+            { modelDirs: [dir] },
+          );
           const { client } = cluster;
           out(`2. scheduler listening on ${cluster.server.address}`);
           out(

@@ -1,33 +1,17 @@
 import type { Command } from "commander";
-import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
-import { parseBytes } from "../../lib/config/units";
+import { ferryDefaults, resolveExecutorConfig, type ExecutorFlags } from "../../lib/config/config";
 import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
-import {
-  Executor,
-  LOAD_MODES,
-  PARAMS_BACKENDS,
-  type LoadMode,
-  type ParamsBackend,
-} from "../../services/executor/executor";
+import { loadToken } from "../../lib/wire/credentials";
+import { Executor } from "../../services/executor/executor";
 import { action, onShutdownSignal } from "../action";
+import { addConnectionOptions } from "./connection";
 
-interface ExecutorFlags {
-  scheduler: string;
-  device: string;
-  vram: string;
-  linkGbps: string;
-  threads: string;
-  id?: string;
-  paramsBackend: string;
-  load: string;
-}
-
+/** Adds `executor` to a `ferry` program (its flags: lib/config/config.ts). */
 export function register(program: Command): void {
   const defaults = ferryDefaults();
-  program
+  const command = program
     .command("executor")
     .description("run an executor: owns one device, connects to the scheduler, runs its plans")
-    .option("--scheduler <host:port>", "scheduler address (FERRY_SCHEDULER)", defaults.scheduler)
     .option("--device <kind>", "device kind: cpu or cuda (FERRY_DEVICE)", defaults.device)
     .option("--vram <size>", "device memory, e.g. 2GiB, 768MiB (FERRY_VRAM)", defaults.vram)
     .option(
@@ -42,37 +26,32 @@ export function register(program: Command): void {
       "default for jobs: cpu (weights kept in host memory) or disk (read when needed, released after use)",
       "cpu",
     )
-    .option("--load <mode>", "default for jobs: lazy, eager or background", "background")
-    .action(
-      action("executor", async (options: ExecutorFlags) => {
-        if (options.device !== "cpu" && options.device !== "cuda") {
-          throw new Error(`--device must be cpu or cuda (got '${options.device}')`);
-        }
-        if (!PARAMS_BACKENDS.includes(options.paramsBackend as ParamsBackend)) {
-          throw new Error(`--params-backend must be one of ${PARAMS_BACKENDS.join(", ")}`);
-        }
-        if (!LOAD_MODES.includes(options.load as LoadMode)) {
-          throw new Error(`--load must be one of ${LOAD_MODES.join(", ")}`);
-        }
-        setupTracing("ferry-executor");
-        const executor = new Executor({
-          scheduler: options.scheduler,
-          device: options.device,
-          paramsBackend: options.paramsBackend as ParamsBackend,
-          load: options.load as LoadMode,
-          vramBytes: parseBytes(options.vram),
-          linkGbps: parseNumberFlag("--link-gbps", options.linkGbps, 0, 10_000),
-          threads: parseIntegerFlag("--threads", options.threads, 0, 1024),
-          id: options.id,
-        });
-        await executor.start();
-        process.stderr.write(
-          `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${options.scheduler}\n`,
-        );
-        onShutdownSignal(async () => {
-          await executor.stop();
-          await shutdownTracing();
-        });
-      }),
-    );
+    .option("--load <mode>", "default for jobs: lazy, eager or background", "background");
+  addConnectionOptions(command).action(
+    action("executor", async (flags: ExecutorFlags) => {
+      const config = resolveExecutorConfig(flags);
+      const token = loadToken(config.tokenFile);
+      setupTracing("ferry-executor");
+      const executor = new Executor({
+        scheduler: config.scheduler,
+        device: config.device,
+        paramsBackend: config.paramsBackend,
+        load: config.load,
+        vramBytes: config.vramBytes,
+        linkGbps: config.linkGbps,
+        threads: config.threads,
+        id: config.id,
+        token,
+        tls: config.tls,
+      });
+      await executor.start();
+      process.stderr.write(
+        `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${config.scheduler}\n`,
+      );
+      onShutdownSignal(async () => {
+        await executor.stop();
+        await shutdownTracing();
+      });
+    }),
+  );
 }

@@ -6,6 +6,7 @@
 import { Command, CommanderError, InvalidArgumentError } from "commander";
 import { resolve } from "node:path";
 import { SchedulerClient } from "../../lib/client/schedulerClient";
+import { loadToken } from "../../lib/wire/credentials";
 import { formatBytes, parseSize } from "../../lib/config/units";
 import { deviceProfileOf, planFromMessage } from "../../services/scheduler/planProto";
 import type { DeviceProfile, ModelProfile } from "../../lib/model/profile";
@@ -200,7 +201,10 @@ export async function planOnScheduler(
   if (options.profile !== undefined || options.deviceProfile !== undefined) {
     throw new Error("--scheduler plans for a live executor: drop --profile/--device-profile");
   }
-  const client = new SchedulerClient(options.scheduler!);
+  // FERRY_TOKEN / FERRY_TOKEN_FILE, as for every client.
+  const client = new SchedulerClient(options.scheduler!, {
+    token: loadToken(process.env.FERRY_TOKEN_FILE || undefined),
+  });
   try {
     await client.ready();
     const response = await client.getPlan({

@@ -1,17 +1,24 @@
+import { existsSync } from "node:fs";
 import { rename, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import type { Command } from "commander";
-import type { JobProgress, JobResult, SubmitJobResponse } from "../../gen/ferry/v1/scheduler";
-import { SchedulerClient } from "../../lib/client/schedulerClient";
-import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
+import type { JobProgress, JobResult, Plan } from "../../gen/ferry/v1/scheduler";
+import {
+  parseIntegerFlag,
+  parseNumberFlag,
+  parsePriorityFlag,
+  type ClientFlags,
+} from "../../lib/config/config";
 import { formatBytes } from "../../lib/config/units";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { planToJson } from "../../lib/planner/planJson";
 import { action } from "../action";
+import { addConnectionOptions, clientFromFlags } from "./connection";
 
-interface RunFlags {
-  scheduler: string;
+interface RunFlags extends ClientFlags {
   model: string;
+  priority: string;
+  idempotencyKey?: string;
   steps: string;
   batch: string;
   tokens: string;
@@ -40,8 +47,8 @@ export function formatStep(progress: JobProgress): string {
   );
 }
 
-/** The `ferry run --json` document. */
-export function runResultJson(submitted: SubmitJobResponse, result: JobResult) {
+/** The `ferry run --json` document (`plan`: the plan the job ran with). */
+export function runResultJson(plan: Plan | undefined, result: JobResult) {
   return {
     job_id: result.jobId,
     executor_id: result.executorId,
@@ -60,17 +67,19 @@ export function runResultJson(submitted: SubmitJobResponse, result: JobResult) {
       disk_bytes: step.diskBytes,
       arena_peak_bytes: step.arenaPeakBytes,
     })),
-    plan: submitted.plan ? planToJson(planFromMessage(submitted.plan)) : null,
+    steps_omitted: result.stepsOmitted,
+    plan: plan ? planToJson(planFromMessage(plan)) : null,
   };
 }
 
 export function register(program: Command): void {
-  const defaults = ferryDefaults();
-  program
+  const command = program
     .command("run")
     .description("submit a job to the scheduler, follow it, print its result")
-    .requiredOption("--model <path>", "model file (safetensors), as the executor sees it")
-    .option("--scheduler <host:port>", "scheduler address (FERRY_SCHEDULER)", defaults.scheduler)
+    .requiredOption(
+      "--model <name|path>",
+      "a model from the scheduler's repository (`ferry models`), or a file inside one of its --model-dir directories",
+    )
     .option("--steps <n>", "sampling steps", "4")
     .option("--batch <n>", "batch size B", "1")
     .option("--tokens <n>", "tokens per sample T", "64")
@@ -85,63 +94,75 @@ export function register(program: Command): void {
     .option("--params-backend <backend>", "cpu or disk (default: the executor's)")
     .option("--load <mode>", "lazy, eager or background (default: the executor's)")
     .option("--verify", "checksum each segment at first load and verify every transfer")
-    .option("--json", "print the result as JSON")
+    .option("--json", "print the result as JSON (only JSON on stdout; progress goes to stderr)")
     .option("--output <path>", "write the output tensor as raw little-endian float32 [B,T,C]")
-    .action(
-      action("run", async (flags: RunFlags) => {
-        const client = new SchedulerClient(flags.scheduler);
-        try {
-          await client.ready();
-          const spec = {
-            modelPath: resolve(flags.model),
-            steps: parseIntegerFlag("--steps", flags.steps, 1, 1_000_000),
-            batch: parseIntegerFlag("--batch", flags.batch, 1, 65_536),
-            tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_048_576),
-            seed: parseIntegerFlag("--seed", flags.seed, 0, Number.MAX_SAFE_INTEGER),
-            maxVramGib:
-              flags.maxVram === undefined
-                ? undefined
-                : parseNumberFlag("--max-vram", flags.maxVram, -1e6, 1e6),
-            policy: flags.policy,
-            noStream: !flags.stream,
-            executorId: flags.executor ?? "",
-            paramsBackend: flags.paramsBackend ?? "",
-            load: flags.load ?? "",
-            verify: flags.verify ?? false,
-          };
-          let submitted: SubmitJobResponse | undefined;
-          const result = await client.runJob(
-            spec,
-            (progress) => process.stderr.write(`${formatStep(progress)}\n`),
-            (response) => {
-              submitted = response;
-              const plan = response.plan;
-              process.stderr.write(
-                `job ${response.jobId} on ${response.executorId}: ${plan?.policy} plan, ` +
-                  `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
-                  `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
-              );
-            },
-          );
-          if (flags.output) {
-            // Write beside the target, then rename: a reader never sees half a tensor.
-            const target = resolve(flags.output);
-            await writeFile(`${target}.tmp`, result.output);
-            await rename(`${target}.tmp`, target);
-          }
-          if (flags.json) {
-            process.stdout.write(`${JSON.stringify(runResultJson(submitted!, result), null, 2)}\n`);
-          } else {
-            process.stdout.write(
-              `checksum  ${result.checksum}\n` +
-                `shape     [${result.outputShape.join(", ")}]\n` +
-                `steps     ${result.steps.map((s) => s.stepSeconds.toFixed(3)).join(" ")} s\n` +
-                `total     ${result.totalSeconds.toFixed(3)} s\n`,
-            );
-          }
-        } finally {
-          client.close();
-        }
-      }),
+    .option("--priority <n>", "higher runs first, -1000..1000", "0")
+    .option(
+      "--idempotency-key <key>",
+      "a retried run with the same key follows the job the first one created",
     );
+  addConnectionOptions(command).action(
+    action("run", async (flags: RunFlags) => {
+      const client = clientFromFlags(flags);
+      try {
+        await client.ready();
+        // A file here is sent as its absolute path (the scheduler shares the filesystem);
+        // anything else is a repository name (or a path relative to a model directory).
+        const model = existsSync(flags.model) ? resolve(flags.model) : flags.model;
+        const spec = {
+          modelPath: model,
+          steps: parseIntegerFlag("--steps", flags.steps, 1, 1_000_000),
+          batch: parseIntegerFlag("--batch", flags.batch, 1, 65_536),
+          tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_048_576),
+          seed: parseIntegerFlag("--seed", flags.seed, 0, Number.MAX_SAFE_INTEGER),
+          maxVramGib:
+            flags.maxVram === undefined
+              ? undefined
+              : parseNumberFlag("--max-vram", flags.maxVram, -1e6, 1e6),
+          policy: flags.policy,
+          noStream: !flags.stream,
+          executorId: flags.executor ?? "",
+          paramsBackend: flags.paramsBackend ?? "",
+          load: flags.load ?? "",
+          verify: flags.verify ?? false,
+        };
+        const result = await client.runJob(
+          spec,
+          (progress) => process.stderr.write(`${formatStep(progress)}\n`),
+          (response) => {
+            const plan = response.plan;
+            process.stderr.write(
+              `job ${response.jobId} ${response.executorId ? `on ${response.executorId}` : "queued"}: ${plan?.policy} plan, ` +
+                `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
+                `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
+            );
+          },
+          {
+            priority: parsePriorityFlag(flags.priority),
+            idempotencyKey: flags.idempotencyKey ?? "",
+          },
+        );
+        if (flags.output) {
+          // Write beside the target, then rename: a reader never sees half a tensor.
+          const target = resolve(flags.output);
+          await writeFile(`${target}.tmp`, result.output);
+          await rename(`${target}.tmp`, target);
+        }
+        if (flags.json) {
+          // The plan it ran with (it may have been re-run elsewhere after an executor was lost).
+          const job = await client.getJob(result.jobId);
+          process.stdout.write(`${JSON.stringify(runResultJson(job.plan, result), null, 2)}\n`);
+        } else {
+          process.stdout.write(
+            `checksum  ${result.checksum}\n` +
+              `shape     [${result.outputShape.join(", ")}]\n` +
+              `steps     ${result.steps.map((s) => s.stepSeconds.toFixed(3)).join(" ")} s\n` +
+              `total     ${result.totalSeconds.toFixed(3)} s\n`,
+          );
+        }
+      } finally {
+        client.close();
+      }
+    }),
+  );
 }

@@ -1,18 +1,22 @@
-import { credentials, Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { context, propagation } from "@opentelemetry/api";
 import {
   JobState,
   SchedulerServiceClient,
   type GetPlanResponse,
+  type JobInfo,
   type JobProgress,
   type JobResult,
   type JobSpec,
   type ListExecutorsResponse,
+  type ListJobsResponse,
+  type LoadModelResponse,
+  type ModelInfo,
   type SubmitJobResponse,
   type WatchJobResponse,
 } from "../../gen/ferry/v1/scheduler";
-
-const MESSAGE_LIMIT = 256 * 1024 * 1024;
+import { bearerInterceptor, channelCredentials, type ClientTlsFiles } from "../wire/credentials";
+import { GRPC_MESSAGE_LIMIT } from "../wire/limits";
 
 /** The error a failed call or job gives: the gRPC status code name and the server's message. */
 export class FerryClientError extends Error {
@@ -38,15 +42,41 @@ function traceMetadata(): Metadata {
   return metadata;
 }
 
+export interface SchedulerClientOptions {
+  /** Sent as `authorization: Bearer <token>` with every call. @default undefined */
+  token?: string;
+  /** TLS to the scheduler. @default undefined (plaintext) */
+  tls?: ClientTlsFiles;
+  /** Deadline of each unary call, ms (watches have none). @default 30_000 */
+  deadlineMs?: number;
+}
+
+export interface SubmitOptions {
+  /** Higher runs first, in [-1000, 1000]. @default 0 */
+  priority?: number;
+  /** A retried submit with the same key returns the same job. @default "" (none) */
+  idempotencyKey?: string;
+}
+
 /** A promise-based client of the scheduler's API. */
 export class SchedulerClient {
   private readonly client: SchedulerServiceClient;
+  private readonly deadlineMs: number;
 
-  constructor(readonly address: string) {
-    this.client = new SchedulerServiceClient(address, credentials.createInsecure(), {
-      "grpc.max_receive_message_length": MESSAGE_LIMIT,
-      "grpc.max_send_message_length": MESSAGE_LIMIT,
+  constructor(
+    readonly address: string,
+    options: SchedulerClientOptions = {},
+  ) {
+    this.deadlineMs = options.deadlineMs ?? 30_000;
+    this.client = new SchedulerServiceClient(address, channelCredentials(options.tls), {
+      "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
+      "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
+      interceptors: options.token ? [bearerInterceptor(options.token)] : [],
     });
+  }
+
+  private callOptions() {
+    return { deadline: Date.now() + this.deadlineMs };
   }
 
   /** Waits until the channel is connected, failing clearly if the scheduler is unreachable. */
@@ -65,17 +95,20 @@ export class SchedulerClient {
     );
   }
 
-  submitJob(spec: JobSpec): Promise<SubmitJobResponse> {
+  submitJob(spec: JobSpec, options: SubmitOptions = {}): Promise<SubmitJobResponse> {
     return new Promise((resolveCall, reject) =>
-      this.client.submitJob({ spec }, traceMetadata(), (error, response) =>
-        error ? reject(fromServiceError(error)) : resolveCall(response),
+      this.client.submitJob(
+        { spec, priority: options.priority ?? 0, idempotencyKey: options.idempotencyKey ?? "" },
+        traceMetadata(),
+        this.callOptions(),
+        (error, response) => (error ? reject(fromServiceError(error)) : resolveCall(response)),
       ),
     );
   }
 
   getPlan(spec: JobSpec): Promise<GetPlanResponse> {
     return new Promise((resolveCall, reject) =>
-      this.client.getPlan({ spec }, traceMetadata(), (error, response) =>
+      this.client.getPlan({ spec }, traceMetadata(), this.callOptions(), (error, response) =>
         error ? reject(fromServiceError(error)) : resolveCall(response),
       ),
     );
@@ -83,16 +116,75 @@ export class SchedulerClient {
 
   cancelJob(jobId: string): Promise<JobState> {
     return new Promise((resolveCall, reject) =>
-      this.client.cancelJob({ jobId }, (error, response) =>
+      this.client.cancelJob({ jobId }, new Metadata(), this.callOptions(), (error, response) =>
         error ? reject(fromServiceError(error)) : resolveCall(response.state),
+      ),
+    );
+  }
+
+  getJob(jobId: string): Promise<JobInfo> {
+    return new Promise((resolveCall, reject) =>
+      this.client.getJob({ jobId }, new Metadata(), this.callOptions(), (error, response) =>
+        error ? reject(fromServiceError(error)) : resolveCall(response.job!),
+      ),
+    );
+  }
+
+  listJobs(
+    options: { states?: JobState[]; pageSize?: number; pageToken?: string } = {},
+  ): Promise<ListJobsResponse> {
+    return new Promise((resolveCall, reject) =>
+      this.client.listJobs(
+        {
+          states: options.states ?? [],
+          pageSize: options.pageSize ?? 0,
+          pageToken: options.pageToken ?? "",
+        },
+        new Metadata(),
+        this.callOptions(),
+        (error, response) => (error ? reject(fromServiceError(error)) : resolveCall(response)),
       ),
     );
   }
 
   listExecutors(): Promise<ListExecutorsResponse> {
     return new Promise((resolveCall, reject) =>
-      this.client.listExecutors({}, (error, response) =>
+      this.client.listExecutors({}, new Metadata(), this.callOptions(), (error, response) =>
         error ? reject(fromServiceError(error)) : resolveCall(response),
+      ),
+    );
+  }
+
+  listModels(): Promise<ModelInfo[]> {
+    return new Promise((resolveCall, reject) =>
+      this.client.listModels({}, new Metadata(), this.callOptions(), (error, response) =>
+        error ? reject(fromServiceError(error)) : resolveCall(response.models),
+      ),
+    );
+  }
+
+  loadModel(
+    model: string,
+    options: { executorId?: string; resident?: boolean } = {},
+  ): Promise<LoadModelResponse> {
+    return new Promise((resolveCall, reject) =>
+      this.client.loadModel(
+        { model, executorId: options.executorId ?? "", resident: options.resident ?? false },
+        new Metadata(),
+        this.callOptions(),
+        (error, response) => (error ? reject(fromServiceError(error)) : resolveCall(response)),
+      ),
+    );
+  }
+
+  unloadModel(model: string, executorId = ""): Promise<string[]> {
+    return new Promise((resolveCall, reject) =>
+      this.client.unloadModel(
+        { model, executorId },
+        new Metadata(),
+        this.callOptions(),
+        (error, response) =>
+          error ? reject(fromServiceError(error)) : resolveCall(response.executorIds),
       ),
     );
   }
@@ -122,15 +214,42 @@ export class SchedulerClient {
     });
   }
 
+  /**
+   * {@link watchJob}, watching again while the scheduler is unavailable (restarting) for up to
+   * `patienceMs` in a row.
+   */
+  async watchUntilDone(
+    jobId: string,
+    onProgress?: (progress: JobProgress) => void,
+    patienceMs = 60_000,
+  ): Promise<JobResult> {
+    let since = Date.now();
+    let delayMs = 100;
+    for (;;) {
+      try {
+        return await this.watchJob(jobId, (progress) => {
+          since = Date.now();
+          onProgress?.(progress);
+        });
+      } catch (error) {
+        const code = (error as FerryClientError).code;
+        if (code !== "UNAVAILABLE" || Date.now() - since > patienceMs) throw error;
+        await new Promise((done) => setTimeout(done, delayMs));
+        delayMs = Math.min(delayMs * 2, 2000);
+      }
+    }
+  }
+
   /** Submits, follows and returns a successful job's result; a failed job rejects with its error. */
   async runJob(
     spec: JobSpec,
     onProgress?: (progress: JobProgress) => void,
     onSubmitted?: (submitted: SubmitJobResponse) => void,
+    options: SubmitOptions = {},
   ): Promise<JobResult> {
-    const submitted = await this.submitJob(spec);
+    const submitted = await this.submitJob(spec, options);
     onSubmitted?.(submitted);
-    const result = await this.watchJob(submitted.jobId, onProgress);
+    const result = await this.watchUntilDone(submitted.jobId, onProgress);
     if (result.state !== JobState.JOB_STATE_SUCCEEDED) {
       throw new FerryClientError(
         result.error?.code || JobState[result.state],

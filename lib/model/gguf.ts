@@ -18,6 +18,7 @@
  * and the whole header is capped (`maxHeaderBytes`).
  */
 import { promises as fs } from "node:fs";
+import { openRegularFile } from "./openRegularFile";
 import {
   GGML_REMOVED_TYPE_IDS,
   ggmlTypeById,
@@ -424,18 +425,16 @@ export async function readGgufHeader(
   options: ReadGgufOptions = {},
 ): Promise<GgufHeader> {
   const maxHeaderBytes = options.maxHeaderBytes ?? DEFAULT_MAX_HEADER_BYTES;
-  const fh = await fs.open(path, "r");
+  const { fh, info } = await openRegularFile(path);
   try {
-    const fileBytes = (await fh.stat()).size;
+    const fileBytes = info.size;
     const cur: HeaderCursor = new HeaderCursor(fh, path, fileBytes, maxHeaderBytes);
     if (fileBytes < 4) {
       cur.fail(`file is too short to be GGUF (${fileBytes} bytes; the magic alone needs 4)`);
     }
     const magic = await cur.bytes(4, "magic");
     if (String.fromCharCode(...magic) !== GGUF_MAGIC) {
-      cur.fail(
-        `not a GGUF file: starts with ${Array.from(magic, (b) => b.toString(16).padStart(2, "0")).join(" ")}, expected "GGUF" (47 47 55 46)`,
-      );
+      cur.fail(`not a GGUF file: it does not start with "GGUF" (47 47 55 46)`);
     }
     const version = await cur.u32("version");
     if (version === 1) {

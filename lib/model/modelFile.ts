@@ -4,7 +4,7 @@
  * GGUF model and a safetensors model of the same network look the same to them: names, row-major
  * shapes, stored dtype, absolute byte ranges, and (for Ferry DiT files) the DiT configuration.
  */
-import { promises as fs } from "node:fs";
+import { openRegularFile } from "./openRegularFile";
 import { DIT_METADATA_KEYS, ditConfigFromMetadata, ditTensorSpecs, type DitConfig } from "./dit";
 import { GGUF_DIT_ARCHITECTURE } from "./genModel";
 import {
@@ -57,7 +57,7 @@ export type ModelHeader =
 
 /** Sniffs a file's format from its first bytes: "GGUF" magic, or a safetensors JSON header. */
 export async function sniffModelFormat(path: string): Promise<ModelFormat> {
-  const fh = await fs.open(path, "r");
+  const { fh } = await openRegularFile(path);
   try {
     const head = new Uint8Array(9);
     const { bytesRead } = await fh.read(head, 0, 9, 0);
@@ -67,11 +67,9 @@ export async function sniffModelFormat(path: string): Promise<ModelFormat> {
     // safetensors: u64 header length, then JSON that must begin with "{" (the spec requires it).
     // A file too short to tell goes to the safetensors reader, whose error explains the length.
     if (bytesRead < 9 || head[8] === 0x7b) return "safetensors";
-    const shown = Array.from(head.subarray(0, Math.min(bytesRead, 8)), (b) =>
-      b.toString(16).padStart(2, "0"),
-    ).join(" ");
+    // Says what is missing, never what the file holds.
     throw new ModelFormatError(
-      `${path}: not a model file: neither GGUF (no "GGUF" magic) nor safetensors (no JSON header after the 8-byte length); starts with ${shown}`,
+      `${path}: not a model file: neither GGUF (no "GGUF" magic) nor safetensors (no JSON header after the 8-byte length)`,
     );
   } finally {
     await fh.close();

@@ -7,6 +7,7 @@
  * then the data; offsets are relative to the start of the data.
  */
 import { promises as fs } from "node:fs";
+import { openRegularFile } from "./openRegularFile";
 import { bf16ToF32, f16ToF32 } from "./half";
 
 /** A model file that cannot be used: truncated, corrupt, or not the model it claims to be. */
@@ -98,9 +99,9 @@ function describe(value: unknown): string {
  * naming the file and the tensor.
  */
 export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
-  const fh = await fs.open(path, "r");
+  const { fh, info } = await openRegularFile(path);
   try {
-    const fileBytes = (await fh.stat()).size;
+    const fileBytes = info.size;
     const fail = (problem: string): never => {
       throw new ModelFormatError(`${path}: ${problem}`);
     };
@@ -134,7 +135,9 @@ export async function readSafetensorsHeader(path: string): Promise<SafetensorsHe
     try {
       json = JSON.parse(text);
     } catch (err) {
-      return fail(`header is not valid JSON (${(err as Error).message})`);
+      // V8's message quotes the text around the error: say where, never what (file contents).
+      const position = /position (\d+)/.exec((err as Error).message)?.[1];
+      return fail(`header is not valid JSON${position ? ` (at byte ${position})` : ""}`);
     }
     return parseHeaderObject(json, { path, headerBytes, fileBytes });
   } finally {

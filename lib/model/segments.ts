@@ -8,7 +8,12 @@
 import { basename } from "node:path";
 import { loadAddon, mapNativeError } from "../native/addon";
 import { ditSegmentNames, baseSegmentOf, type DitConfig } from "./dit";
-import { checkDitModelTensors, readModelHeader, requireDitConfig } from "./modelFile";
+import {
+  checkDitModelTensors,
+  readModelHeader,
+  requireDitConfig,
+  type ModelHeader,
+} from "./modelFile";
 import type { BaseSegment, ModelProfile } from "./profile";
 
 export interface ModelProfileOptions {
@@ -62,7 +67,15 @@ export async function modelProfileFromFile(
   path: string,
   options: ModelProfileOptions,
 ): Promise<ModelProfile> {
-  const header = await readModelHeader(path);
+  return modelProfileFromHeader(await readModelHeader(path), options);
+}
+
+/** {@link modelProfileFromFile} from a header already read (the scheduler caches headers). */
+export async function modelProfileFromHeader(
+  header: ModelHeader,
+  options: ModelProfileOptions,
+): Promise<ModelProfile> {
+  const path = header.path;
   const config = requireDitConfig(header);
   const tensors = checkDitModelTensors(header, config);
   const paramBytes = new Map<string, number>();

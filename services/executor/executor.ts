@@ -1,7 +1,6 @@
 import { createHash, randomUUID } from "node:crypto";
-import { stat } from "node:fs/promises";
 import { hostname } from "node:os";
-import { credentials, type ClientDuplexStream } from "@grpc/grpc-js";
+import { type ClientDuplexStream } from "@grpc/grpc-js";
 import {
   ConnectRequest,
   JobResult,
@@ -9,12 +8,22 @@ import {
   SchedulerServiceClient,
   type ConnectResponse,
   type DeviceInfo,
+  type Holdings,
+  type LoadModelCommand,
   type RunJob,
   type StepStats,
+  type UnloadModelCommand,
 } from "../../gen/ferry/v1/scheduler";
+import { openRegularFile } from "../../lib/model/openRegularFile";
 import { ferryVersion } from "../../lib/packageInfo";
 import { contextFromTraceparent } from "../../lib/telemetry/tracing";
+import {
+  bearerInterceptor,
+  channelCredentials,
+  type ClientTlsFiles,
+} from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
+import { StepHistory } from "../../lib/wire/stepHistory";
 import { statusName, toStatusError } from "../../lib/wire/statusError";
 import { loadAddon, mapNativeError } from "../../lib/native/addon";
 import type {
@@ -53,6 +62,10 @@ export interface ExecutorOptions {
   load?: LoadMode;
   /** Measure the compute rate and dispatch overhead at start-up. @default true */
   probe?: boolean;
+  /** Bearer token the scheduler wants. @default undefined (none) */
+  token?: string;
+  /** TLS to the scheduler (a client certificate when it verifies executors). @default plaintext */
+  tls?: ClientTlsFiles;
   log?: (line: string) => void;
 }
 
@@ -60,7 +73,12 @@ interface WarmModel {
   model: NativeModel;
   mtimeMs: number;
   size: number;
+  /** Opened by LoadModel: kept until UnloadModel, never evicted for another model. */
+  pinned: boolean;
 }
+
+/** Results kept for the scheduler until it acknowledges them (one job runs at a time). */
+const OUTBOX_LIMIT = 4;
 
 type Lifecycle = "starting" | "running" | "draining" | "stopped";
 
@@ -88,10 +106,15 @@ function jobOption<T extends string>(
 /**
  * An executor process's runtime: owns the native device, dials the scheduler's Connect stream,
  * registers, heartbeats, and runs the jobs it is sent (one at a time) in native code.
- * Reconnects with backoff if the scheduler goes away.
+ * If the scheduler goes away it keeps running its job, reconnects with backoff, registers again
+ * with the same identity (id + this process's instance) and what it holds, and sends the
+ * results the scheduler has not acknowledged.
  */
 export class Executor {
   readonly id: string;
+  /** Picked once per process: the scheduler tells this executor's reconnects from an impostor's. */
+  readonly instance = randomUUID();
+  private readonly outbox = new Map<string, JobResult>();
   private readonly addon = loadAddon();
   private readonly device: NativeDevice<NativeCpuDeviceInfo | NativeGpuDeviceInfo>;
   private readonly client: SchedulerServiceClient;
@@ -128,9 +151,10 @@ export class Executor {
     // The copy rate the planner starts from, measured on this device's own copy engine (the
     // emulated link included); the scheduler refines it from real jobs.
     this.device.measureCopyRate();
-    this.client = new SchedulerServiceClient(options.scheduler, credentials.createInsecure(), {
+    this.client = new SchedulerServiceClient(options.scheduler, channelCredentials(options.tls), {
       "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
       "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
+      interceptors: options.token ? [bearerInterceptor(options.token)] : [],
     });
     this.registered = new Promise((resolveRegistered) => {
       this.registeredResolve = resolveRegistered;
@@ -149,6 +173,24 @@ export class Executor {
       // From the start-up probe; the scheduler refines both from this executor's jobs.
       tflops: this.computeProbe?.tflops ?? 0,
       dispatchUs: this.computeProbe?.dispatchUs ?? 0,
+    };
+  }
+
+  /** What this executor holds: device memory, resident weights, open models, jobs, results. */
+  holdings(): Holdings {
+    const stats = this.device.stats();
+    return {
+      freeBytes: this.device.info().freeBytes,
+      usedBytes: stats.inUseBytes,
+      residentBytes: stats.residentCacheBytes,
+      residentSegments: stats.residentCacheEntries,
+      models: [...this.warm].map(([path, warm]) => ({
+        path,
+        hostCacheBytes: warm.model.hostCacheBytes(),
+        pinned: warm.pinned,
+      })),
+      runningJobIds: this.current ? [this.current.jobId] : [],
+      heldResultJobIds: [...this.outbox.keys()],
     };
   }
 
@@ -178,9 +220,9 @@ export class Executor {
       clearInterval(this.heartbeat);
       this.heartbeat = undefined;
       if (this.lifecycle !== "running") return;
+      // The job keeps running: the scheduler learns of it (and of its result) on reconnect, and
+      // cancels it there if it no longer wants it.
       this.log(`ferry executor ${this.id}: lost the scheduler (${why}); reconnecting`);
-      // A job the scheduler no longer knows about is not worth finishing.
-      this.cancelCurrent();
       this.reconnectTimer = setTimeout(() => this.connect(), this.reconnectDelayMs);
       this.reconnectDelayMs = Math.min(this.reconnectDelayMs * 2, 5000);
     };
@@ -190,7 +232,13 @@ export class Executor {
       ConnectRequest.fromPartial({
         message: {
           $case: "register",
-          value: { executorId: this.id, device: this.deviceInfo(), version: ferryVersion() },
+          value: {
+            executorId: this.id,
+            device: this.deviceInfo(),
+            version: ferryVersion(),
+            instance: this.instance,
+            holdings: this.holdings(),
+          },
         },
       }),
     );
@@ -207,19 +255,28 @@ export class Executor {
       case "registered": {
         this.reconnectDelayMs = 250;
         clearInterval(this.heartbeat);
-        this.heartbeat = setInterval(
-          () =>
-            this.send({
-              $case: "heartbeat",
-              value: { freeBytes: this.device.info().freeBytes },
-            }),
-          body.value.heartbeatIntervalMs || 1000,
-        );
+        this.heartbeat = setInterval(() => {
+          const holdings = this.holdings();
+          this.send({ $case: "heartbeat", value: { freeBytes: holdings.freeBytes, holdings } });
+        }, body.value.heartbeatIntervalMs || 1000);
         this.heartbeat.unref();
         this.log(`ferry executor ${this.id}: registered with ${this.options.scheduler}`);
         this.registeredResolve?.();
+        // Results the scheduler may not have: it acknowledges each, and drops a repeat.
+        for (const result of this.outbox.values()) {
+          this.send({ $case: "jobUpdate", value: { update: { $case: "result", value: result } } });
+        }
         break;
       }
+      case "resultReceived":
+        this.outbox.delete(body.value.jobId);
+        break;
+      case "loadModel":
+        void this.loadModelCommand(body.value);
+        break;
+      case "unloadModel":
+        void this.unloadModelCommand(body.value);
+        break;
       case "runJob":
         void this.runJob(body.value);
         break;
@@ -235,14 +292,19 @@ export class Executor {
     this.current.run?.cancel();
   }
 
-  /** Opens a model, or reuses the warm one (its host params cache included) if unchanged. */
-  private async openModel(path: string): Promise<NativeModel> {
-    const info = await stat(path);
+  /**
+   * Opens a model, or reuses the warm one (its host params cache included) if unchanged. Only a
+   * regular file is opened (checked without blocking, so a FIFO cannot hang the executor).
+   * `pin` keeps it open until UnloadModel.
+   */
+  private async openModel(path: string, pin = false): Promise<NativeModel> {
+    const { fh, info } = await openRegularFile(path);
+    await fh.close();
     const cached = this.warm.get(path);
     if (cached && cached.mtimeMs === info.mtimeMs && cached.size === info.size) {
       // Refresh its place in the LRU order.
       this.warm.delete(path);
-      this.warm.set(path, cached);
+      this.warm.set(path, { ...cached, pinned: cached.pinned || pin });
       return cached.model;
     }
     if (cached) {
@@ -256,14 +318,92 @@ export class Executor {
       .catch((error: unknown) => {
         throw mapNativeError(error);
       });
-    this.warm.set(path, { model, mtimeMs: info.mtimeMs, size: info.size });
+    this.warm.set(path, { model, mtimeMs: info.mtimeMs, size: info.size, pinned: pin });
     const limit = this.options.maxWarmModels ?? 2;
-    for (const [oldPath, old] of this.warm) {
-      if (this.warm.size <= limit) break;
+    const unpinned = [...this.warm].filter(([, warm]) => !warm.pinned);
+    for (const [oldPath, old] of unpinned.slice(0, Math.max(0, unpinned.length - limit))) {
       old.model.dispose();
       this.warm.delete(oldPath);
     }
     return model;
+  }
+
+  private commandDone(commandId: string, error?: { code: string; message: string }): void {
+    this.send({
+      $case: "commandDone",
+      value: { commandId, error, holdings: this.holdings() },
+    });
+  }
+
+  /**
+   * LoadModel: open and pin the model; with a warm-up plan, run one step of batch 1 through it
+   * (weights read eagerly into the host params cache; the plan's resident segments stay in the
+   * device's residency cache, which staging slots keep across jobs). The scheduler sends it only
+   * while no job runs here.
+   */
+  private async loadModelCommand(command: LoadModelCommand): Promise<void> {
+    try {
+      if (this.current) throw new Error(`executor ${this.id} is running job ${this.current.jobId}`);
+      const model = await this.openModel(command.modelPath, true);
+      const plan = command.warmUp;
+      if (plan) {
+        const run = this.addon.startRun(this.device, model, {
+          batch: 1,
+          tokens: command.warmUpTokens || 64,
+          steps: 1,
+          seed: 0,
+          segments: plan.segments.map((segment) => ({
+            firstBase: segment.firstBase,
+            lastBase: segment.lastBase,
+            resident: segment.resident,
+          })),
+          execution: "pooled",
+          slots: Math.max(1, plan.slots),
+          paramsBackend: "cpu",
+          load: "eager",
+        });
+        await run.done.catch((error: unknown) => {
+          throw mapNativeError(error);
+        });
+      }
+      this.commandDone(command.commandId);
+    } catch (error) {
+      const status = toStatusError(error, this.log);
+      this.commandDone(command.commandId, {
+        code: statusName(status.code),
+        message: status.message,
+      });
+    }
+  }
+
+  /**
+   * UnloadModel: close the model (its host params cache goes with it; a run using it keeps it
+   * until the run ends) and free the device's resident weights. The addon's residency cache can
+   * only be cleared whole, so other models' resident segments go too (they are re-copied on
+   * their next job).
+   */
+  private async unloadModelCommand(command: UnloadModelCommand): Promise<void> {
+    const warm = this.warm.get(command.modelPath);
+    if (warm) {
+      warm.model.dispose();
+      this.warm.delete(command.modelPath);
+    }
+    try {
+      this.device.clearResidency();
+    } catch (error) {
+      this.log(`ferry executor ${this.id}: clearing residency: ${(error as Error).message}`);
+    }
+    this.commandDone(command.commandId);
+  }
+
+  /** Sends a job's final result and keeps it until the scheduler acknowledges it. */
+  private deliverResult(result: JobResult): void {
+    this.outbox.set(result.jobId, result);
+    for (const jobId of this.outbox.keys()) {
+      if (this.outbox.size <= OUTBOX_LIMIT) break;
+      this.outbox.delete(jobId);
+    }
+    this.send({ $case: "jobUpdate", value: { update: { $case: "result", value: result } } });
   }
 
   private async runJob(request: RunJob): Promise<void> {
@@ -282,7 +422,7 @@ export class Executor {
     };
     this.current = current;
     const parent = contextFromTraceparent(request.traceparent);
-    const steps: StepStats[] = [];
+    const steps = new StepHistory();
     const started = performance.now();
     try {
       if (!spec || !plan) throw new Error("RunJob without a spec or a plan");
@@ -339,6 +479,7 @@ export class Executor {
       );
       current.run = run;
       if (current.cancelled) run.cancel();
+      this.send({ $case: "jobUpdate", value: { update: { $case: "started", value: { jobId } } } });
       const output = await run.done.catch((error: unknown) => {
         throw mapNativeError(error);
       });
@@ -347,26 +488,17 @@ export class Executor {
         output.output.byteOffset,
         output.output.byteLength,
       );
-      this.stream?.write(
-        ConnectRequest.fromPartial({
-          message: {
-            $case: "jobUpdate",
-            value: {
-              update: {
-                $case: "result",
-                value: JobResult.fromPartial({
-                  jobId,
-                  state: JobState.JOB_STATE_SUCCEEDED,
-                  checksum: createHash("sha256").update(bytes).digest("hex"),
-                  output: bytes,
-                  outputShape: output.shape,
-                  steps,
-                  totalSeconds: (performance.now() - started) / 1000,
-                  executorId: this.id,
-                }),
-              },
-            },
-          },
+      this.deliverResult(
+        JobResult.fromPartial({
+          jobId,
+          state: JobState.JOB_STATE_SUCCEEDED,
+          checksum: createHash("sha256").update(bytes).digest("hex"),
+          output: bytes,
+          outputShape: output.shape,
+          steps: steps.steps(),
+          stepsOmitted: steps.omitted,
+          totalSeconds: (performance.now() - started) / 1000,
+          executorId: this.id,
         }),
       );
     } catch (error) {
@@ -379,7 +511,8 @@ export class Executor {
         jobId,
         state,
         { code: statusName(status.code), message: status.message },
-        steps,
+        steps.steps(),
+        steps.omitted,
       );
     } finally {
       if (this.current === current) this.current = undefined;
@@ -391,16 +524,11 @@ export class Executor {
     state: JobState,
     error: { code: string; message: string },
     steps: StepStats[] = [],
+    stepsOmitted = 0,
   ): void {
-    this.send({
-      $case: "jobUpdate",
-      value: {
-        update: {
-          $case: "result",
-          value: JobResult.fromPartial({ jobId, state, error, steps, executorId: this.id }),
-        },
-      },
-    });
+    this.deliverResult(
+      JobResult.fromPartial({ jobId, state, error, steps, stepsOmitted, executorId: this.id }),
+    );
   }
 
   /** running → draining → stopped: finish (or after `graceMs`, cancel) the job, then dispose. */

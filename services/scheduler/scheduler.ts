@@ -1,502 +1,1317 @@
-import { randomUUID } from "node:crypto";
-import { access, constants } from "node:fs/promises";
-import { resolve } from "node:path";
-import { status, type ServerDuplexStream } from "@grpc/grpc-js";
-import { ROOT_CONTEXT, SpanStatusCode, trace, type Context } from "@opentelemetry/api";
+import { createHash, randomUUID } from "node:crypto";
+import { status } from "@grpc/grpc-js";
+import { ROOT_CONTEXT, SpanStatusCode, trace, type Context, type Span } from "@opentelemetry/api";
 import {
-  ConnectResponse,
   JobResult,
   JobState,
+  SubmitJobRequest,
   type ConnectRequest,
   type DeviceInfo,
   type ExecutorInfo,
+  type Holdings,
+  type JobInfo,
   type JobSpec,
-  type StepStats,
   type JobUpdate,
+  type ModelInfo,
   type Plan as PlanMessage,
+  type Register,
 } from "../../gen/ferry/v1/scheduler";
-import { modelProfileFromFile } from "../../lib/model/segments";
+import { planJob } from "../../lib/planner/planJob";
+import { KNOWN_POLICIES } from "../../lib/planner/planJob";
+import type { PlanOptions, PolicyName } from "../../lib/planner/types";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
-import { Job, type ResolvedJobSpec } from "./jobs";
-import { deviceProfileOf, planToMessage } from "./planProto";
-import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
-import { KNOWN_POLICIES, planJob } from "../../lib/planner/planJob";
-import type { DeviceProfile, PlanOptions, PolicyName } from "../../lib/planner/types";
+import {
+  MAX_BATCH,
+  MAX_DEVICE_BYTES,
+  MAX_ID_LENGTH,
+  MAX_OUTPUT_BYTES,
+  MAX_PAGE_SIZE,
+  MAX_PRIORITY,
+  MAX_RATE,
+  MAX_STEPS,
+  MAX_THREADS,
+  MAX_TOKENS,
+  MAX_VRAM_GIB,
+  DEFAULT_PAGE_SIZE,
+} from "../../lib/wire/limits";
+import { checkDecoded } from "../../lib/wire/decoding";
+import { boundSteps } from "../../lib/wire/stepHistory";
 import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
+import {
+  checkChoice,
+  checkInteger,
+  checkNumber,
+  checkString,
+  ID_PATTERN,
+  quote,
+} from "../../lib/wire/validate";
+import { ExecutorEntry, type ExecutorCommand, type ExecutorStream } from "./executors";
+import { Job, JobQueue, type ResolvedJobSpec } from "./jobs";
+import { JobStore, type JobRow } from "./jobStore";
+import { ModelRepository, type ResolvedModel } from "./modelRepository";
+import { ASSUMED_DISK_GBPS, choosePlacement, type PlacementCandidate } from "./placement";
+import { planToMessage } from "./planProto";
 
 export const DEFAULT_TOKENS = 64;
-const MAX_STEPS = 1_000_000;
-/** Steps of measurements kept per executor for calibration. */
-const CALIBRATION_WINDOW_STEPS = 64;
-
-type ExecutorStream = ServerDuplexStream<ConnectRequest, ConnectResponse>;
-
-interface PlannedJob {
-  plan: PlanMessage;
-  /** FLOPs of each merged segment of the plan. */
-  segmentFlops: number[];
-}
-
-/** One executor's live connection and the work queued on it. */
-export class ExecutorConnection {
-  lastHeartbeatMs = Date.now();
-  running: Job | undefined;
-  readonly queue: Job[] = [];
-  readonly warmModels = new Set<string>();
-  /** Recent per-segment measurements, oldest first: what calibration refines rates from. */
-  readonly measurements: StepMeasurement[] = [];
-
-  constructor(
-    readonly id: string,
-    public device: DeviceInfo,
-    readonly stream: ExecutorStream,
-  ) {}
-
-  send(message: ConnectResponse["message"]): void {
-    this.stream.write(ConnectResponse.fromPartial({ message }));
-  }
-
-  load(): number {
-    return this.queue.length + (this.running ? 1 : 0);
-  }
-
-  /**
-   * The device as plans should see it: the registered device with its rates (β, compute rate,
-   * δ) refined from this executor's measured steps, so each plan uses what the hardware did.
-   */
-  plannedDevice(): DeviceProfile {
-    return calibrateDevice(deviceProfileOf(this.device), this.measurements).device;
-  }
-
-  recordStep(stats: StepStats, segmentFlops: readonly number[]): void {
-    this.measurements.push({
-      segments: stats.segments.map((segment) => ({
-        bytes_copied: segment.h2dBytes,
-        copy_s: segment.h2dSeconds,
-        compute_s: segment.computeSeconds,
-        flops: segmentFlops[segment.index] ?? 0,
-      })),
-    });
-    if (this.measurements.length > CALIBRATION_WINDOW_STEPS) this.measurements.shift();
-  }
-
-  info(): ExecutorInfo {
-    const planned = this.plannedDevice();
-    return {
-      executorId: this.id,
-      device: this.device,
-      calibrated: {
-        ...this.device,
-        h2dGbps: planned.h2d_gbps,
-        tflops: planned.tflops,
-        dispatchUs: planned.dispatch_us,
-      },
-      lastHeartbeatMs: this.lastHeartbeatMs,
-      runningJobId: this.running?.id ?? "",
-      warmModels: [...this.warmModels],
-    };
-  }
-}
+/** A placement estimate is reused this long (plans move only as calibration refines rates). */
+const ESTIMATE_TTL_MS = 1000;
+/** Finished jobs are swept at most this often. */
+const SWEEP_INTERVAL_MS = 5000;
 
 export interface SchedulerOptions {
   /** How often executors heartbeat. @default 1000 */
   heartbeatIntervalMs?: number;
-  /** An executor silent for this many intervals is declared dead. @default 5 */
+  /**
+   * An executor silent (or disconnected) for this many intervals is lost: its running job is
+   * re-queued or failed. @default 5
+   */
   heartbeatMissLimit?: number;
+  /** Where jobs are kept. @default an in-memory database (nothing survives the process) */
+  store?: JobStore;
+  /** The model repository. @default none: every job is refused until one is configured */
+  models?: ModelRepository;
+  /** Finished jobs (and lost executors) are kept this long, then dropped. @default 3_600_000 */
+  retentionMs?: number;
+  /**
+   * Times a job is started before a lost executor fails it instead of re-queueing it.
+   * @default 3
+   */
+  maxAttempts?: number;
+  /** Jobs that may wait in the queue at once; more are refused with RESOURCE_EXHAUSTED. @default 10_000 */
+  maxQueuedJobs?: number;
   log?: (line: string) => void;
 }
 
+interface Estimate {
+  atMs: number;
+  plan: PlanMessage;
+  segmentFlops: number[];
+  /** Predicted seconds of the whole run. */
+  runS: number;
+}
+
+export interface SubmitOutcome {
+  job: Job;
+  /** An earlier submit with the same idempotency key created the job. */
+  existing: boolean;
+  /** The plan it runs with, or while queued the one placement would give it now. */
+  plan: PlanMessage | undefined;
+  executorId: string;
+  device: DeviceInfo | undefined;
+}
+
+const DONE_STATES = new Set([
+  JobState.JOB_STATE_SUCCEEDED,
+  JobState.JOB_STATE_FAILED,
+  JobState.JOB_STATE_CANCELLED,
+]);
+
 /**
- * The scheduler's state and rules, independent of gRPC: executors, jobs, placement, planning.
- * Each executor runs one job at a time; jobs wait in that executor's FIFO queue.
+ * The scheduler's state and rules, independent of gRPC: the executor registry, the job queue,
+ * placement, planning and durable state.
+ *
+ * Jobs wait in one queue, by priority then submission. Whenever something changes (a job
+ * arrives, an executor registers or finishes), a placement pass walks the queue and starts each
+ * job on the executor placement.ts chooses, or leaves it waiting for a busy one that will finish
+ * it sooner. Each executor runs one job at a time.
  */
 export class Scheduler {
-  private readonly executors = new Map<string, ExecutorConnection>();
+  private readonly executors = new Map<string, ExecutorEntry>();
   private readonly jobs = new Map<string, Job>();
+  private readonly byKey = new Map<string, Job>();
+  private readonly queue = new JobQueue();
+  private readonly estimates = new Map<string, Estimate>();
+  private readonly preparing = new Set<Job>();
+  readonly store: JobStore;
+  readonly models: ModelRepository | undefined;
   private readonly heartbeatIntervalMs: number;
-  private readonly heartbeatMissLimit: number;
+  private readonly lostAfterMs: number;
+  private readonly retentionMs: number;
+  private readonly maxAttempts: number;
+  private readonly maxQueuedJobs: number;
   private readonly log: (line: string) => void;
   private readonly monitor: NodeJS.Timeout;
-  private draining = false;
+  private readonly startedMs = Date.now();
+  private lastSweepMs = 0;
+  private seq: number;
+  private passQueued = false;
+  private lifecycle: "running" | "draining" | "stopped" = "running";
 
   constructor(options: SchedulerOptions = {}) {
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? 1000;
-    this.heartbeatMissLimit = options.heartbeatMissLimit ?? 5;
+    this.lostAfterMs = this.heartbeatIntervalMs * (options.heartbeatMissLimit ?? 5);
+    this.retentionMs = options.retentionMs ?? 3_600_000;
+    this.maxAttempts = options.maxAttempts ?? 3;
+    this.maxQueuedJobs = options.maxQueuedJobs ?? 10_000;
     this.log = options.log ?? ((line) => console.error(line));
-    this.monitor = setInterval(() => this.reapSilentExecutors(), this.heartbeatIntervalMs);
+    this.store = options.store ?? new JobStore(":memory:");
+    this.models = options.models;
+    this.seq = this.store.maxSeq();
+    this.restore();
+    this.monitor = setInterval(() => this.tick(), Math.min(this.heartbeatIntervalMs, 1000));
     this.monitor.unref();
+  }
+
+  get durable(): boolean {
+    return this.store.path !== ":memory:";
+  }
+
+  // ---- restore ----
+
+  /** Jobs from the store: queued ones queue again; running ones wait for their executor. */
+  private restore(): void {
+    let queued = 0;
+    let running = 0;
+    for (const row of this.store.loadAll()) {
+      const job = new Job(row);
+      this.jobs.set(job.id, job);
+      if (job.idempotencyKey) this.byKey.set(job.idempotencyKey, job);
+      if (job.state === JobState.JOB_STATE_QUEUED) {
+        this.queue.push(job);
+        queued++;
+      } else if (job.state === JobState.JOB_STATE_RUNNING) {
+        running++;
+      }
+      if (!job.finished) job.span = this.jobSpan(job, ROOT_CONTEXT, true);
+    }
+    if (queued + running > 0) {
+      this.log(
+        `ferry scheduler: restored ${queued} queued and ${running} running jobs from ${this.store.path}; running jobs wait ${this.lostAfterMs} ms for their executors to report back`,
+      );
+    }
   }
 
   // ---- executors ----
 
   /** Handles one executor's Connect stream for its whole life. */
   attachExecutor(stream: ExecutorStream): void {
-    let connection: ExecutorConnection | undefined;
+    let entry: ExecutorEntry | undefined;
     stream.on("data", (request: ConnectRequest) => {
+      const message = request?.message;
       try {
-        const message = request.message;
+        checkDecoded(request);
         if (!message) return;
         if (message.$case === "register") {
-          if (connection) return;
-          connection = this.register(stream, message.value.executorId, message.value.device);
-        } else if (!connection) {
-          stream.emit(
-            "error",
-            new StatusError(status.FAILED_PRECONDITION, "send Register before anything else"),
-          );
-        } else if (message.$case === "heartbeat") {
-          connection.lastHeartbeatMs = Date.now();
-          if (connection.device) connection.device.freeBytes = message.value.freeBytes;
+          if (entry) return;
+          entry = this.register(stream, message.value);
+          return;
+        }
+        if (!entry) {
+          throw new StatusError(status.FAILED_PRECONDITION, "send Register before anything else");
+        }
+        // A stream replaced by a newer one of the same executor is only heard until it closes.
+        if (entry.stream !== stream) return;
+        entry.lastSeenMs = Date.now();
+        if (message.$case === "heartbeat") {
+          this.updateHoldings(entry, message.value.holdings, message.value.freeBytes);
         } else if (message.$case === "jobUpdate") {
-          connection.lastHeartbeatMs = Date.now();
-          this.onJobUpdate(connection, message.value);
+          this.onJobUpdate(entry, message.value);
+        } else if (message.$case === "commandDone") {
+          this.onCommandDone(entry, message.value);
         }
       } catch (error) {
-        // A malformed Register ends the stream with its status; other bad messages are logged.
-        if (error instanceof StatusError && !connection) stream.emit("error", error);
-        else this.log(`ferry scheduler: bad message from executor: ${String(error)}`);
+        if (!entry || error instanceof StatusError) {
+          stream.emit("error", toStatusError(error, this.log));
+        } else {
+          this.log(`ferry scheduler: bad message from executor ${entry.id}: ${String(error)}`);
+        }
       }
     });
-    const detach = (reason: string) => {
-      if (connection && this.executors.get(connection.id) === connection) {
-        this.onExecutorGone(connection, reason);
-      }
-      connection = undefined;
+    const detach = () => {
+      if (entry && entry.stream === stream) this.disconnect(entry);
     };
     stream.on("end", () => {
-      detach("closed its stream");
+      detach();
       stream.end();
     });
-    stream.on("error", (error: Error) => detach(`stream failed: ${error.message}`));
-    stream.on("cancelled", () => detach("went away"));
-    stream.on("close", () => detach("went away"));
+    stream.on("error", detach);
+    stream.on("cancelled", detach);
+    stream.on("close", detach);
   }
 
-  private register(
-    stream: ExecutorStream,
-    requestedId: string,
-    device: DeviceInfo | undefined,
-  ): ExecutorConnection {
-    if (!device) {
+  private validDevice(device: DeviceInfo | undefined): DeviceInfo {
+    if (!device)
       throw new StatusError(status.INVALID_ARGUMENT, "Register must describe the device");
+    checkString("device.name", device.name, 256);
+    checkChoice("device.kind", device.kind, ["cpu", "cuda"], false);
+    checkInteger("device.total_bytes", device.totalBytes, 1, MAX_DEVICE_BYTES);
+    checkInteger("device.free_bytes", device.freeBytes, 0, MAX_DEVICE_BYTES);
+    checkNumber("device.h2d_gbps", device.h2dGbps, 0, MAX_RATE);
+    checkInteger("device.threads", device.threads, 0, MAX_THREADS);
+    checkNumber("device.tflops", device.tflops, 0, MAX_RATE);
+    checkNumber("device.dispatch_us", device.dispatchUs, 0, MAX_RATE);
+    return device;
+  }
+
+  private register(stream: ExecutorStream, request: Register): ExecutorEntry {
+    checkString("executor_id", request.executorId, MAX_ID_LENGTH, ID_PATTERN);
+    checkString("instance", request.instance, MAX_ID_LENGTH);
+    checkString("version", request.version, MAX_ID_LENGTH);
+    const device = this.validDevice(request.device);
+    if (this.lifecycle !== "running") {
+      throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
     }
-    let id = requestedId || `executor-${randomUUID().slice(0, 8)}`;
-    // A reconnecting executor may reuse its id while its old stream is being reaped.
-    const previous = this.executors.get(id);
-    if (previous) this.onExecutorGone(previous, "was replaced by a new connection with its id");
-    if (this.executors.has(id)) id = `${id}-${randomUUID().slice(0, 4)}`;
-    const connection = new ExecutorConnection(id, device, stream);
-    this.executors.set(id, connection);
-    connection.send({
+    const id = request.executorId || `executor-${randomUUID().slice(0, 8)}`;
+    const instance = request.instance || randomUUID();
+    let entry = this.executors.get(id);
+    if (entry?.connected && entry.stream !== stream && entry.instance !== instance) {
+      throw new StatusError(
+        status.ALREADY_EXISTS,
+        `executor id ${quote(id)} is held by a connected executor; give this one another --id`,
+      );
+    }
+    const previous = entry?.stream;
+    const newInstance = entry !== undefined && entry.instance !== instance;
+    if (!entry) {
+      entry = new ExecutorEntry(id, device);
+      this.executors.set(id, entry);
+    }
+    if (newInstance) entry.measurements.length = 0;
+    entry.instance = instance;
+    entry.device = device;
+    entry.stream = stream;
+    entry.state = "connected";
+    entry.lastSeenMs = Date.now();
+    // The same process reconnecting on a new stream: the old one is closed and no longer heard.
+    if (previous && previous !== stream) previous.end();
+    entry.send({
       $case: "registered",
       value: { executorId: id, heartbeatIntervalMs: this.heartbeatIntervalMs },
     });
+    this.updateHoldings(entry, request.holdings, device.freeBytes);
     this.log(
-      `ferry scheduler: executor ${id} registered (${device.name}, ${device.totalBytes} bytes)`,
+      `ferry scheduler: executor ${id} registered (${device.name}, ${device.totalBytes} bytes${newInstance ? ", a new instance" : ""})`,
     );
-    return connection;
+    this.reconcile(entry, request.holdings);
+    this.schedulePass();
+    return entry;
   }
 
-  private onExecutorGone(connection: ExecutorConnection, reason: string): void {
-    this.executors.delete(connection.id);
-    this.log(`ferry scheduler: executor ${connection.id} ${reason}`);
-    const running = connection.running;
-    connection.running = undefined;
-    if (running) {
-      const step = running.progress.length;
-      this.finishJob(running, {
-        state: JobState.JOB_STATE_FAILED,
-        code: status.UNAVAILABLE,
-        message: `executor ${connection.id} ${reason} while running the job (after step ${step} of ${running.spec.steps})`,
-      });
+  /**
+   * After a (re)registration: jobs the scheduler has running there that the executor no longer
+   * runs (nor holds a result for) are re-queued; jobs it runs that are not its to run are
+   * cancelled on it.
+   */
+  private reconcile(entry: ExecutorEntry, holdings: Holdings | undefined): void {
+    const reported = new Set(holdings?.runningJobIds ?? []);
+    const held = new Set(holdings?.heldResultJobIds ?? []);
+    for (const job of [...this.jobs.values()]) {
+      if (job.state !== JobState.JOB_STATE_RUNNING || job.executorId !== entry.id) continue;
+      if (reported.has(job.id) || held.has(job.id)) {
+        entry.running.add(job);
+        if (!job.profile) void this.prepare(job);
+      } else {
+        entry.running.delete(job);
+        this.requeueOrFail(
+          job,
+          `executor ${entry.id} came back without the job (it restarted while running it)`,
+        );
+      }
     }
-    // Queued work is not lost: it moves to another executor, or fails if there is none.
-    const queued = connection.queue.splice(0);
-    for (const job of queued) {
-      void this.replace(job);
+    for (const id of new Set([...reported, ...held])) {
+      const job = this.jobs.get(id);
+      if (job && entry.running.has(job)) continue;
+      // Re-queued while its executor was away, and not started elsewhere yet: it still runs
+      // here (or its result is on its way), so it carries on here.
+      if (
+        job &&
+        job.state === JobState.JOB_STATE_QUEUED &&
+        job.executorId === entry.id &&
+        !job.cancelRequested &&
+        this.queue.remove(job)
+      ) {
+        job.state = JobState.JOB_STATE_RUNNING;
+        entry.running.add(job);
+        this.store.save(job);
+        this.log(
+          `ferry scheduler: job ${job.id} carries on where it ran: executor ${entry.id} still has it`,
+        );
+        if (!job.profile) void this.prepare(job);
+        continue;
+      }
+      if (reported.has(id)) entry.send({ $case: "cancelRun", value: { jobId: id } });
     }
   }
 
-  private async replace(job: Job): Promise<void> {
-    try {
-      const target = this.pickExecutor(job.spec);
-      const planned = await this.planFor(job.spec, target);
-      job.plan = planned.plan;
-      job.segmentFlops = planned.segmentFlops;
-      job.executorId = target.id;
-      target.queue.push(job);
-      this.dispatch(target);
-    } catch (error) {
-      const err = toStatusError(error, this.log);
-      this.finishJob(job, {
-        state: JobState.JOB_STATE_FAILED,
-        code: err.code,
-        message: err.message,
-      });
+  private updateHoldings(
+    entry: ExecutorEntry,
+    holdings: Holdings | undefined,
+    freeBytes: number,
+  ): void {
+    if (!holdings) {
+      entry.holdings.freeBytes = freeBytes;
+      return;
+    }
+    entry.holdings = {
+      ...holdings,
+      models: holdings.models.slice(0, 256),
+      runningJobIds: holdings.runningJobIds.slice(0, 64),
+      heldResultJobIds: holdings.heldResultJobIds.slice(0, 64),
+    };
+    entry.device = { ...entry.device, freeBytes: holdings.freeBytes };
+  }
+
+  private disconnect(entry: ExecutorEntry): void {
+    entry.stream = undefined;
+    if (entry.state !== "connected") return;
+    entry.state = "disconnected";
+    this.log(
+      `ferry scheduler: executor ${entry.id} disconnected; its jobs stay assigned for ${this.lostAfterMs} ms`,
+    );
+    this.failCommands(entry, "disconnected");
+  }
+
+  private failCommands(entry: ExecutorEntry, why: string): void {
+    const commands = [...entry.commands.splice(0)];
+    if (entry.commandInFlight) commands.push(entry.commandInFlight);
+    entry.commandInFlight = undefined;
+    for (const command of commands) {
+      command.reject(new StatusError(status.UNAVAILABLE, `executor ${entry.id} ${why}`));
     }
   }
 
-  private reapSilentExecutors(): void {
-    const deadline = Date.now() - this.heartbeatIntervalMs * this.heartbeatMissLimit;
-    for (const connection of [...this.executors.values()]) {
-      if (connection.lastHeartbeatMs < deadline) {
-        this.onExecutorGone(connection, "stopped heartbeating");
-        connection.stream.emit(
-          "error",
-          new StatusError(status.DEADLINE_EXCEEDED, "no heartbeat; reconnect"),
+  private markLost(entry: ExecutorEntry, why: string): void {
+    entry.state = "lost";
+    entry.lostAtMs = Date.now();
+    const stream = entry.stream;
+    entry.stream = undefined;
+    this.log(`ferry scheduler: executor ${entry.id} lost: ${why}`);
+    stream?.emit("error", new StatusError(status.DEADLINE_EXCEEDED, "no heartbeat; reconnect"));
+    this.failCommands(entry, "was lost");
+    for (const job of [...entry.running]) {
+      entry.running.delete(job);
+      this.requeueOrFail(
+        job,
+        `executor ${entry.id} ${why} while running the job (after step ${job.lastStep} of ${job.spec.steps})`,
+      );
+    }
+    for (const job of [...this.queue]) {
+      if (job.spec.executorId === entry.id) {
+        this.queue.remove(job);
+        this.finishJob(
+          job,
+          JobState.JOB_STATE_FAILED,
+          status.UNAVAILABLE,
+          `executor ${entry.id} the job asked for was lost`,
         );
       }
     }
   }
 
+  /** The heartbeat deadline, orphaned jobs after a restart, and retention. */
+  private tick(): void {
+    const now = Date.now();
+    const deadline = now - this.lostAfterMs;
+    for (const entry of [...this.executors.values()]) {
+      if (entry.state !== "lost" && entry.lastSeenMs < deadline) {
+        this.markLost(
+          entry,
+          entry.state === "connected"
+            ? "stopped heartbeating"
+            : "disconnected and did not come back",
+        );
+      } else if (entry.state === "lost" && entry.lostAtMs < now - this.retentionMs) {
+        this.executors.delete(entry.id);
+      }
+    }
+    if (this.startedMs < deadline) {
+      for (const job of [...this.jobs.values()]) {
+        if (job.state !== JobState.JOB_STATE_RUNNING) continue;
+        const entry = this.executors.get(job.executorId);
+        if (entry && entry.state !== "lost") continue;
+        if (entry?.running.has(job)) continue;
+        this.requeueOrFail(
+          job,
+          `the scheduler restarted while the job ran on executor ${job.executorId}, which did not report back within ${this.lostAfterMs} ms`,
+        );
+      }
+    }
+    if (now - this.lastSweepMs >= Math.min(SWEEP_INTERVAL_MS, this.retentionMs)) {
+      this.lastSweepMs = now;
+      this.sweep(now);
+    }
+  }
+
+  /** Drops finished jobs whose retention has passed, from memory and the store. */
+  private sweep(now: number): void {
+    const before = now - this.retentionMs;
+    for (const id of this.store.expire(before)) this.forget(id);
+    for (const job of [...this.jobs.values()]) {
+      if (job.finished && job.finishedMs < before) this.forget(job.id);
+    }
+  }
+
+  private forget(id: string): void {
+    const job = this.jobs.get(id);
+    if (!job) return;
+    this.jobs.delete(id);
+    if (job.idempotencyKey && this.byKey.get(job.idempotencyKey) === job) {
+      this.byKey.delete(job.idempotencyKey);
+    }
+  }
+
   listExecutors(): ExecutorInfo[] {
-    return [...this.executors.values()].map((connection) => connection.info());
+    const nameOf = (path: string) => this.models?.nameOf(path) ?? path;
+    return [...this.executors.values()]
+      .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
+      .map((entry) => entry.info(nameOf));
+  }
+
+  /** The executor's device as registered, for responses. */
+  deviceOf(executorId: string): DeviceInfo | undefined {
+    return this.executors.get(executorId)?.device;
+  }
+
+  calibratedDeviceOf(executorId: string): DeviceInfo | undefined {
+    return this.executors.get(executorId)?.info((path) => path).calibrated;
   }
 
   // ---- jobs ----
 
-  /** Validates a spec and fills in the defaults. */
+  /** Validates a spec's fields and fills in the defaults (the model is resolved separately). */
   resolveSpec(spec: JobSpec | undefined): ResolvedJobSpec {
     if (!spec) throw new StatusError(status.INVALID_ARGUMENT, "the request has no job spec");
     if (!spec.modelPath) throw new StatusError(status.INVALID_ARGUMENT, "model_path is required");
-    if (!Number.isInteger(spec.steps) || spec.steps < 1 || spec.steps > MAX_STEPS) {
-      throw new StatusError(
-        status.INVALID_ARGUMENT,
-        `steps must be between 1 and ${MAX_STEPS} (got ${spec.steps})`,
-      );
+    checkInteger("steps", spec.steps, 1, MAX_STEPS);
+    checkInteger("batch", spec.batch, 0, MAX_BATCH);
+    checkInteger("tokens", spec.tokens, 0, MAX_TOKENS);
+    checkInteger("seed", spec.seed, 0, Number.MAX_SAFE_INTEGER);
+    if (spec.maxVramGib !== undefined) {
+      checkNumber("max_vram_gib", spec.maxVramGib, -MAX_VRAM_GIB, MAX_VRAM_GIB);
     }
-    const policy = spec.policy || "sdcpp";
-    if (!KNOWN_POLICIES.includes(policy as PolicyName)) {
-      throw new StatusError(
-        status.INVALID_ARGUMENT,
-        `unknown policy '${policy}' (known: ${KNOWN_POLICIES.join(", ")})`,
-      );
-    }
-    if (spec.paramsBackend && !["cpu", "disk"].includes(spec.paramsBackend)) {
-      throw new StatusError(
-        status.INVALID_ARGUMENT,
-        `unknown params backend '${spec.paramsBackend}' (known: cpu, disk)`,
-      );
-    }
-    if (spec.load && !["lazy", "eager", "background"].includes(spec.load)) {
-      throw new StatusError(
-        status.INVALID_ARGUMENT,
-        `unknown load mode '${spec.load}' (known: lazy, eager, background)`,
-      );
-    }
-    if (spec.maxVramGib !== undefined && !Number.isFinite(spec.maxVramGib)) {
-      throw new StatusError(status.INVALID_ARGUMENT, "max_vram_gib must be a finite number");
-    }
+    const policy = checkChoice("policy", spec.policy, KNOWN_POLICIES) || "sdcpp";
+    checkChoice("params backend", spec.paramsBackend, ["cpu", "disk"]);
+    checkChoice("load mode", spec.load, ["lazy", "eager", "background"]);
+    checkString("executor_id", spec.executorId, MAX_ID_LENGTH, ID_PATTERN);
     return {
       ...spec,
-      modelPath: resolve(spec.modelPath),
       policy,
       batch: spec.batch || 1,
       tokens: spec.tokens || DEFAULT_TOKENS,
     };
   }
 
-  /** Plans a spec for one executor's device (its calibrated rates included). */
-  async planFor(spec: ResolvedJobSpec, executor: ExecutorConnection): Promise<PlannedJob> {
-    await access(spec.modelPath, constants.R_OK);
-    const model = await modelProfileFromFile(spec.modelPath, {
-      batch: spec.batch,
-      tokens: spec.tokens,
-    });
+  private requireModels(): ModelRepository {
+    if (!this.models) {
+      throw new StatusError(
+        status.FAILED_PRECONDITION,
+        "the scheduler has no model repository: start it with --model-dir DIR (repeatable)",
+      );
+    }
+    return this.models;
+  }
+
+  /** Resolves the job's model and reads its base segments; the output must fit a message. */
+  private async loadModelFor(
+    spec: ResolvedJobSpec,
+  ): Promise<{ model: ResolvedModel; profile: Job["profile"] }> {
+    const models = this.requireModels();
+    const model = await models.resolve(spec.modelPath);
+    const header = await models.header(model);
+    const profile = await models.profile(model, spec.batch, spec.tokens);
+    const channels = header.ditConfig?.channels ?? 0;
+    const outputBytes = spec.batch * spec.tokens * channels * 4;
+    if (outputBytes > MAX_OUTPUT_BYTES) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `the output would be ${outputBytes} bytes (batch ${spec.batch} × tokens ${spec.tokens} × channels ${channels} × 4); at most ${MAX_OUTPUT_BYTES}`,
+      );
+    }
+    return { model, profile };
+  }
+
+  /** A queued or restored job's model and profile, read again (the file may have changed). */
+  private async prepare(job: Job): Promise<void> {
+    if (this.preparing.has(job)) return;
+    this.preparing.add(job);
+    try {
+      const { model, profile } = await this.loadModelFor({ ...job.spec, modelPath: job.modelRef });
+      job.model = model;
+      job.profile = profile;
+      job.spec = { ...job.spec, modelPath: model.path };
+      if (job.plan && job.segmentFlops.length === 0) {
+        job.segmentFlops = job.plan.segments.map((segment) =>
+          profile!.segments
+            .slice(segment.firstBase, segment.lastBase + 1)
+            .reduce((sum, base) => sum + base.flops, 0),
+        );
+      }
+    } catch (error) {
+      if (job.finished) return;
+      const err = toStatusError(error, this.log);
+      // A running job may still finish on its executor; a queued one cannot start any more.
+      if (!this.queue.remove(job)) {
+        this.log(`ferry scheduler: job ${job.id}: ${err.message}`);
+        return;
+      }
+      this.finishJob(
+        job,
+        JobState.JOB_STATE_FAILED,
+        err.code,
+        `cannot run the job any more: ${err.message}`,
+      );
+    } finally {
+      this.preparing.delete(job);
+      this.schedulePass();
+    }
+  }
+
+  private plan(job: Pick<Job, "spec" | "profile">, entry: ExecutorEntry): Estimate {
     const options: PlanOptions = {
-      policy: spec.policy as PolicyName,
-      stream: !spec.noStream,
-      maxVramGiB: spec.maxVramGib,
+      policy: job.spec.policy as PolicyName,
+      stream: !job.spec.noStream,
+      maxVramGiB: job.spec.maxVramGib,
     };
-    const plan = planJob(model, executor.plannedDevice(), options);
+    const profile = job.profile!;
+    const plan = planJob(profile, entry.plannedDevice(), options);
     // FLOPs per merged segment: the compute side of the calibration samples this job yields.
     const segmentFlops = plan.segments.map((segment) =>
-      model.segments
+      profile.segments
         .slice(segment.base[0], segment.base[1] + 1)
         .reduce((sum, base) => sum + base.flops, 0),
     );
-    return { plan: planToMessage(plan), segmentFlops };
+    const stepS = plan.predicted_step_s ?? 0;
+    return {
+      atMs: Date.now(),
+      plan: planToMessage(plan),
+      segmentFlops,
+      runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
+    };
   }
 
-  /**
-   * Chooses the executor for a job: the one asked for, else the least loaded, preferring one
-   * where the model is already warm.
-   */
-  pickExecutor(spec: ResolvedJobSpec): ExecutorConnection {
-    if (spec.executorId) {
-      const chosen = this.executors.get(spec.executorId);
-      if (!chosen) {
-        throw new StatusError(status.NOT_FOUND, `no executor with id '${spec.executorId}'`);
-      }
-      return chosen;
+  /** The plan a job would get on an executor, cached briefly; undefined when it cannot fit. */
+  private estimate(job: Job, entry: ExecutorEntry): Estimate | undefined {
+    const s = job.spec;
+    const key = `${entry.id}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
+    const cached = this.estimates.get(key);
+    if (cached && Date.now() - cached.atMs < ESTIMATE_TTL_MS) return cached;
+    let estimate: Estimate | undefined;
+    try {
+      estimate = this.plan(job, entry);
+    } catch {
+      estimate = undefined;
     }
-    const candidates = [...this.executors.values()];
-    if (candidates.length === 0) {
-      throw new StatusError(
-        status.UNAVAILABLE,
-        "no executor is connected; start one with `ferry executor --scheduler HOST:PORT`",
-      );
-    }
-    candidates.sort(
-      (a, b) =>
-        a.load() - b.load() ||
-        Number(b.warmModels.has(spec.modelPath)) - Number(a.warmModels.has(spec.modelPath)) ||
-        a.id.localeCompare(b.id),
-    );
-    return candidates[0];
+    if (this.estimates.size > 4096) this.estimates.clear();
+    if (estimate) this.estimates.set(key, estimate);
+    return estimate;
   }
 
-  async getPlan(
-    spec: JobSpec | undefined,
-  ): Promise<{ plan: PlanMessage; executor: ExecutorConnection }> {
-    const resolved = this.resolveSpec(spec);
-    const executor = this.pickExecutor(resolved);
-    return { plan: (await this.planFor(resolved, executor)).plan, executor };
+  private remainingS(entry: ExecutorEntry): number {
+    if (entry.commandInFlight) return 1;
+    let remaining = 0;
+    const now = Date.now();
+    for (const job of entry.running) {
+      const predicted = job.spec.steps * (job.plan?.predictedStepS || 1e-3);
+      const began = job.startedMs || job.dispatchedMs || now;
+      remaining += Math.max(0, began / 1000 + predicted - now / 1000);
+    }
+    return remaining;
   }
 
-  async submit(spec: JobSpec | undefined, parent: Context): Promise<Job> {
-    if (this.draining) {
-      throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
-    }
-    const resolved = this.resolveSpec(spec);
-    const executor = this.pickExecutor(resolved);
-    const { plan, segmentFlops } = await this.planFor(resolved, executor);
-    const id = `job-${randomUUID().slice(0, 8)}`;
-    const span = ferryTracer().startSpan(
-      "ferry.job",
-      {
-        attributes: {
-          "ferry.job.id": id,
-          "ferry.model": resolved.modelPath,
-          "ferry.steps": resolved.steps,
-          "ferry.batch": resolved.batch,
-          "ferry.tokens": resolved.tokens,
-          "ferry.policy": resolved.policy,
-          "ferry.executor.id": executor.id,
-          "ferry.resident_bytes": plan.residentBytes,
-          "ferry.streamed_bytes_per_step": plan.streamedBytesPerStep,
+  private candidates(
+    job: Job,
+    entries: Iterable<ExecutorEntry>,
+    extraWaitS: ReadonlyMap<string, number> = new Map(),
+  ): { candidate: PlacementCandidate; entry: ExecutorEntry }[] {
+    const out: { candidate: PlacementCandidate; entry: ExecutorEntry }[] = [];
+    for (const entry of entries) {
+      if (!entry.connected) continue;
+      if (job.spec.executorId && job.spec.executorId !== entry.id) continue;
+      const estimate = this.estimate(job, entry);
+      if (!estimate) continue;
+      out.push({
+        entry,
+        candidate: {
+          id: entry.id,
+          idle: entry.idle,
+          warm: entry.isWarm(job.spec.modelPath),
+          availableInS: entry.idle ? 0 : this.remainingS(entry) + (extraWaitS.get(entry.id) ?? 0),
+          runS: estimate.runS,
+          coldLoadS: (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9),
         },
-      },
-      parent,
-    );
-    const job = new Job(id, resolved, executor.id, plan, span);
-    job.segmentFlops = segmentFlops;
-    this.jobs.set(id, job);
-    executor.queue.push(job);
-    this.dispatch(executor);
-    return job;
+      });
+    }
+    return out;
   }
 
-  private dispatch(executor: ExecutorConnection): void {
-    if (executor.running) return;
-    const job = executor.queue.shift();
-    if (!job) return;
-    executor.running = job;
+  /** Runs a placement pass soon (once, however many changes ask for one meanwhile). */
+  schedulePass(): void {
+    if (this.passQueued) return;
+    this.passQueued = true;
+    setImmediate(() => {
+      this.passQueued = false;
+      this.placementPass();
+    });
+  }
+
+  private placementPass(): void {
+    if (this.lifecycle !== "running") return;
+    for (const entry of this.executors.values()) {
+      entry.waitingJobs = 0;
+      this.sendNextCommand(entry);
+    }
+    const idle = [...this.executors.values()].filter((entry) => entry.idle);
+    if (idle.length === 0) return;
+    const extraWaitS = new Map<string, number>();
+    for (const job of [...this.queue]) {
+      if (!idle.some((entry) => entry.idle)) break;
+      if (!job.profile) {
+        void this.prepare(job);
+        continue;
+      }
+      const options = this.candidates(job, this.executors.values(), extraWaitS);
+      const choice = choosePlacement(options.map((option) => option.candidate));
+      if (!choice) continue;
+      const entry = options.find((option) => option.candidate === choice)!.entry;
+      if (choice.idle) {
+        this.start(job, entry);
+      } else {
+        entry.waitingJobs++;
+        extraWaitS.set(entry.id, (extraWaitS.get(entry.id) ?? 0) + choice.runS);
+      }
+    }
+  }
+
+  private start(job: Job, entry: ExecutorEntry): void {
+    let estimate: Estimate;
+    try {
+      estimate = this.plan(job, entry);
+    } catch {
+      return;
+    }
+    this.queue.remove(job);
     job.state = JobState.JOB_STATE_RUNNING;
-    job.executorId = executor.id;
-    executor.send({
+    job.executorId = entry.id;
+    job.plan = estimate.plan;
+    job.segmentFlops = estimate.segmentFlops;
+    job.attempts++;
+    job.dispatchedMs = Date.now();
+    job.startedMs = 0;
+    job.resetProgress();
+    entry.running.add(job);
+    this.store.save(job);
+    job.span?.setAttribute("ferry.executor.id", entry.id);
+    job.span?.setAttribute("ferry.resident_bytes", estimate.plan.residentBytes);
+    job.span?.setAttribute("ferry.streamed_bytes_per_step", estimate.plan.streamedBytesPerStep);
+    entry.send({
       $case: "runJob",
       value: {
         jobId: job.id,
         spec: job.spec,
         plan: job.plan,
-        traceparent: traceparentOf(trace.setSpan(ROOT_CONTEXT, job.span)),
+        traceparent: job.span ? traceparentOf(trace.setSpan(ROOT_CONTEXT, job.span)) : "",
       },
     });
   }
 
-  private onJobUpdate(executor: ExecutorConnection, update: JobUpdate): void {
+  private requestHash(request: SubmitJobRequest): string {
+    const canonical = JSON.stringify(SubmitJobRequest.toJSON({ ...request, idempotencyKey: "" }));
+    return createHash("sha256").update(canonical).digest("hex");
+  }
+
+  private jobSpan(job: Job, parent: Context, restored = false): Span {
+    return ferryTracer().startSpan(
+      "ferry.job",
+      {
+        attributes: {
+          "ferry.job.id": job.id,
+          "ferry.model": job.spec.modelPath,
+          "ferry.steps": job.spec.steps,
+          "ferry.batch": job.spec.batch,
+          "ferry.tokens": job.spec.tokens,
+          "ferry.policy": job.spec.policy,
+          "ferry.priority": job.priority,
+          ...(restored ? { "ferry.job.restored": true } : {}),
+        },
+      },
+      parent,
+    );
+  }
+
+  /**
+   * Accepts a job: validated, its model resolved and checked against every connected executor,
+   * persisted, queued, and started at once if an executor is free. `cancelled` tells whether the
+   * caller has given up (deadline passed): then nothing is created.
+   */
+  async submit(
+    request: SubmitJobRequest,
+    parent: Context,
+    cancelled: () => boolean = () => false,
+  ): Promise<SubmitOutcome> {
+    if (this.lifecycle !== "running") {
+      throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
+    }
+    const priority = checkInteger("priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY);
+    const key = checkString("idempotency_key", request.idempotencyKey, MAX_ID_LENGTH, ID_PATTERN);
+    const hash = this.requestHash(request);
+    const earlier = key ? this.byKey.get(key) : undefined;
+    if (earlier) return this.existingOutcome(earlier, hash);
+    const spec = this.resolveSpec(request.spec);
+    const { model, profile } = await this.loadModelFor(spec);
+    const probe = { spec: { ...spec, modelPath: model.path }, profile, model } as Job;
+    const entries = [...this.executors.values()].filter((entry) => entry.connected);
+    if (spec.executorId) {
+      const asked = this.executors.get(spec.executorId);
+      if (!asked || asked.state === "lost") {
+        throw new StatusError(status.NOT_FOUND, `no executor with id ${quote(spec.executorId)}`);
+      }
+    } else if (entries.length === 0) {
+      throw new StatusError(
+        status.UNAVAILABLE,
+        "no executor is connected; start one with `ferry executor --scheduler HOST:PORT`",
+      );
+    }
+    // It must fit at least one executor it may run on, else it would wait forever.
+    let planError: unknown;
+    const eligible = spec.executorId ? [this.executors.get(spec.executorId)!] : entries;
+    const priced: { candidate: PlacementCandidate; entry: ExecutorEntry; plan: PlanMessage }[] = [];
+    for (const entry of eligible) {
+      try {
+        const estimate = this.plan(probe, entry);
+        priced.push({
+          entry,
+          plan: estimate.plan,
+          candidate: {
+            id: entry.id,
+            idle: entry.idle,
+            warm: entry.isWarm(model.path),
+            availableInS: entry.idle ? 0 : this.remainingS(entry),
+            runS: estimate.runS,
+            coldLoadS: model.bytes / (ASSUMED_DISK_GBPS * 1e9),
+          },
+        });
+      } catch (error) {
+        planError ??= error;
+      }
+    }
+    if (priced.length === 0) throw toStatusError(planError, this.log);
+    const best = choosePlacement(priced.map((p) => p.candidate));
+    const chosen = priced.find((p) => p.candidate === best)!;
+    const preview = { plan: chosen.plan, entry: chosen.entry };
+    // Another submit with the same key may have finished while this one read the model.
+    const raced = key ? this.byKey.get(key) : undefined;
+    if (raced) return this.existingOutcome(raced, hash);
+    if (this.queue.size >= this.maxQueuedJobs) {
+      throw new StatusError(
+        status.RESOURCE_EXHAUSTED,
+        `the queue is full (${this.maxQueuedJobs} jobs wait already); try again later`,
+      );
+    }
+    if (cancelled()) {
+      throw new StatusError(status.CANCELLED, "the caller gave up before the job was accepted");
+    }
+    if (this.lifecycle !== "running") {
+      throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
+    }
+    const row: JobRow = {
+      id: `job-${randomUUID().slice(0, 8)}`,
+      seq: ++this.seq,
+      priority,
+      idempotencyKey: key,
+      requestHash: hash,
+      spec: { ...spec, modelPath: model.path },
+      modelRef: spec.modelPath,
+      state: JobState.JOB_STATE_QUEUED,
+      executorId: "",
+      plan: undefined,
+      submittedMs: Date.now(),
+      startedMs: 0,
+      finishedMs: 0,
+      attempts: 0,
+      lastStep: 0,
+      errorCode: "",
+      errorMessage: "",
+      checksum: "",
+      outputShape: [],
+      totalSeconds: 0,
+    };
+    const job = new Job(row);
+    job.model = model;
+    job.profile = profile;
+    this.store.save(job);
+    this.jobs.set(job.id, job);
+    if (key) this.byKey.set(key, job);
+    job.span = this.jobSpan(job, parent);
+    this.queue.push(job);
+    // Place it now, so a job that can start at once is running when the caller hears back.
+    this.placementPass();
+    const running = job.state === JobState.JOB_STATE_RUNNING;
+    return {
+      job,
+      existing: false,
+      plan: running ? job.plan : preview.plan,
+      executorId: running ? job.executorId : "",
+      device: running ? this.deviceOf(job.executorId) : preview.entry.device,
+    };
+  }
+
+  private existingOutcome(job: Job, hash: string): SubmitOutcome {
+    if (job.requestHash !== hash) {
+      throw new StatusError(
+        status.ALREADY_EXISTS,
+        `idempotency key ${quote(job.idempotencyKey)} was used for job ${job.id} with a different request`,
+      );
+    }
+    return {
+      job,
+      existing: true,
+      plan: job.plan,
+      executorId: job.executorId,
+      device: this.deviceOf(job.executorId),
+    };
+  }
+
+  /** The plan a spec would get, on the executor asked for or the one placement would choose. */
+  async getPlan(spec: JobSpec | undefined): Promise<{ plan: PlanMessage; executorId: string }> {
+    const resolved = this.resolveSpec(spec);
+    const { model, profile } = await this.loadModelFor(resolved);
+    const probe = { spec: { ...resolved, modelPath: model.path }, profile, model } as Job;
+    if (resolved.executorId) {
+      const entry = this.executors.get(resolved.executorId);
+      if (!entry || !entry.connected) {
+        throw new StatusError(
+          status.NOT_FOUND,
+          `no executor with id ${quote(resolved.executorId)}`,
+        );
+      }
+      return { plan: this.plan(probe, entry).plan, executorId: entry.id };
+    }
+    const entries = [...this.executors.values()].filter((entry) => entry.connected);
+    if (entries.length === 0) {
+      throw new StatusError(
+        status.UNAVAILABLE,
+        "no executor is connected; start one with `ferry executor --scheduler HOST:PORT`",
+      );
+    }
+    let firstError: unknown;
+    const priced: { candidate: PlacementCandidate; plan: PlanMessage }[] = [];
+    for (const entry of entries) {
+      try {
+        const estimate = this.plan(probe, entry);
+        priced.push({
+          plan: estimate.plan,
+          candidate: {
+            id: entry.id,
+            idle: entry.idle,
+            warm: entry.isWarm(model.path),
+            availableInS: entry.idle ? 0 : this.remainingS(entry),
+            runS: estimate.runS,
+            coldLoadS: model.bytes / (ASSUMED_DISK_GBPS * 1e9),
+          },
+        });
+      } catch (error) {
+        firstError ??= error;
+      }
+    }
+    if (priced.length === 0) throw toStatusError(firstError, this.log);
+    const best = choosePlacement(priced.map((p) => p.candidate))!;
+    return { plan: priced.find((p) => p.candidate === best)!.plan, executorId: best.id };
+  }
+
+  private onJobUpdate(entry: ExecutorEntry, update: JobUpdate): void {
     const body = update.update;
     if (!body) return;
-    const job = this.jobs.get(body.value.jobId);
-    if (!job || job.executorId !== executor.id) return;
-    if (body.$case === "progress") {
-      if (body.value.stats) executor.recordStep(body.value.stats, job.segmentFlops);
-      job.addProgress(body.value);
+    const jobId = body.value.jobId;
+    const job = this.jobs.get(jobId);
+    // Only the executor a job was sent to may speak for it.
+    const mine = job !== undefined && entry.running.has(job);
+    if (body.$case === "result") {
+      entry.send({ $case: "resultReceived", value: { jobId } });
+      entry.finishedRunning(jobId);
+      if (!mine) {
+        this.log(
+          `ferry scheduler: ignored a result for job ${quote(jobId)} from executor ${entry.id}: the job is not running there`,
+        );
+        return;
+      }
+      entry.running.delete(job);
+      entry.markWarm(job.spec.modelPath);
+      const result = body.value;
+      // UNAVAILABLE from an executor is transient (it was busy, or its device went away): the
+      // job goes back to the queue while it has attempts left.
+      if (
+        result.state === JobState.JOB_STATE_FAILED &&
+        result.error?.code === "UNAVAILABLE" &&
+        !job.cancelRequested
+      ) {
+        this.requeueOrFail(job, `executor ${entry.id}: ${result.error.message}`);
+        this.schedulePass();
+        return;
+      }
+      const { steps, omitted } = boundSteps(result.steps);
+      let state = result.state;
+      if (!DONE_STATES.has(state)) state = JobState.JOB_STATE_FAILED;
+      if (job.cancelRequested && state !== JobState.JOB_STATE_SUCCEEDED) {
+        state = JobState.JOB_STATE_CANCELLED;
+      }
+      this.completeJob(job, {
+        ...result,
+        state,
+        steps,
+        stepsOmitted: result.stepsOmitted + omitted,
+        executorId: entry.id,
+      });
+      this.schedulePass();
       return;
     }
-    executor.warmModels.add(job.spec.modelPath);
-    if (executor.running === job) executor.running = undefined;
-    this.completeJob(job, { ...body.value, executorId: executor.id });
-    this.dispatch(executor);
+    if (!mine) return;
+    if (body.$case === "started") {
+      job.startedMs = Date.now();
+      this.store.save(job);
+      return;
+    }
+    if (!job.startedMs) job.startedMs = Date.now();
+    if (body.value.stats) entry.recordStep(body.value.stats, job.segmentFlops);
+    job.addProgress(body.value);
+  }
+
+  /** Back to the queue after its executor was lost, or failed when it has had its attempts. */
+  private requeueOrFail(job: Job, reason: string): void {
+    if (job.finished) return;
+    if (job.cancelRequested) {
+      this.finishJob(job, JobState.JOB_STATE_CANCELLED, status.CANCELLED, `cancelled (${reason})`);
+      return;
+    }
+    // A job that asked for one executor can only wait for that one while it may come back.
+    const asked = job.spec.executorId ? this.executors.get(job.spec.executorId) : undefined;
+    if (job.spec.executorId && (!asked || asked.state === "lost")) {
+      this.finishJob(
+        job,
+        JobState.JOB_STATE_FAILED,
+        status.UNAVAILABLE,
+        `${reason}; the job asked for executor ${job.spec.executorId}, which is gone`,
+      );
+      return;
+    }
+    if (job.attempts < this.maxAttempts && this.lifecycle === "running") {
+      this.log(`ferry scheduler: job ${job.id} queued again: ${reason}`);
+      job.state = JobState.JOB_STATE_QUEUED;
+      job.resetProgress();
+      this.store.save(job);
+      this.queue.push(job);
+      this.schedulePass();
+      return;
+    }
+    this.finishJob(
+      job,
+      JobState.JOB_STATE_FAILED,
+      status.UNAVAILABLE,
+      `${reason}; it was not run again (attempt ${job.attempts} of ${this.maxAttempts})`,
+    );
   }
 
   getJob(id: string): Job {
+    checkString("job_id", id, MAX_ID_LENGTH);
     const job = this.jobs.get(id);
-    if (!job) throw new StatusError(status.NOT_FOUND, `no job with id '${id}'`);
+    if (!job) {
+      throw new StatusError(
+        status.NOT_FOUND,
+        `no job with id ${quote(id)} (finished jobs are kept for ${Math.round(this.retentionMs / 1000)} s)`,
+      );
+    }
     return job;
+  }
+
+  /** A finished job's full result, from the store. */
+  resultOf(job: Job): JobResult {
+    return (
+      this.store.result(job.id) ??
+      JobResult.fromPartial({
+        jobId: job.id,
+        state: job.state,
+        error: job.errorCode ? { code: job.errorCode, message: job.errorMessage } : undefined,
+        checksum: job.checksum,
+        outputShape: job.outputShape,
+        totalSeconds: job.totalSeconds,
+        executorId: job.executorId,
+      })
+    );
+  }
+
+  listJobs(
+    states: readonly JobState[],
+    pageSize: number,
+    pageToken: string,
+  ): { jobs: JobInfo[]; nextPageToken: string } {
+    const size = checkInteger("page_size", pageSize, 0, MAX_PAGE_SIZE) || DEFAULT_PAGE_SIZE;
+    checkString("page_token", pageToken, 32);
+    const after = pageToken === "" ? 0 : Number(pageToken);
+    if (!Number.isSafeInteger(after) || after < 0) {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `page_token ${quote(pageToken)} is not one ListJobs gave`,
+      );
+    }
+    for (const state of states) checkInteger("states", state, 1, 5);
+    const wanted = new Set(states);
+    const jobs = [...this.jobs.values()]
+      .filter((job) => job.seq > after && (wanted.size === 0 || wanted.has(job.state)))
+      .sort((a, b) => a.seq - b.seq);
+    const page = jobs.slice(0, size);
+    return {
+      jobs: page.map((job) => job.info()),
+      nextPageToken: jobs.length > size ? String(page[page.length - 1].seq) : "",
+    };
   }
 
   cancel(id: string): JobState {
     const job = this.getJob(id);
     if (job.finished) return job.state;
-    const executor = this.executors.get(job.executorId);
-    const queuedAt = executor?.queue.indexOf(job) ?? -1;
-    if (executor && queuedAt >= 0) {
-      executor.queue.splice(queuedAt, 1);
-      this.finishJob(job, {
-        state: JobState.JOB_STATE_CANCELLED,
-        code: status.CANCELLED,
-        message: "cancelled before it started",
-      });
-    } else if (executor?.running === job) {
-      // The executor stops at the next segment boundary and reports CANCELLED.
-      executor.send({ $case: "cancelRun", value: { jobId: job.id } });
+    if (this.queue.remove(job)) {
+      this.finishJob(
+        job,
+        JobState.JOB_STATE_CANCELLED,
+        status.CANCELLED,
+        "cancelled before it started",
+      );
+      return job.state;
     }
+    job.cancelRequested = true;
+    // The executor stops at the next segment boundary and reports CANCELLED; an unreachable one
+    // is told when it comes back (reconcile), or the job ends CANCELLED when it is lost.
+    this.executors.get(job.executorId)?.send({ $case: "cancelRun", value: { jobId: job.id } });
     return job.state;
   }
 
-  private finishJob(job: Job, outcome: { state: JobState; code: status; message: string }): void {
+  private finishJob(job: Job, state: JobState, code: status, message: string): void {
     this.completeJob(
       job,
       JobResult.fromPartial({
         jobId: job.id,
-        state: outcome.state,
-        error: { code: statusName(outcome.code), message: outcome.message },
+        state,
+        error: { code: statusName(code), message },
         executorId: job.executorId,
       }),
     );
   }
 
   private completeJob(job: Job, result: JobResult): void {
-    if (!job.finish(result)) return;
-    const span = job.span;
-    span.setAttribute("ferry.job.state", JobState[result.state] ?? String(result.state));
-    if (result.state === JobState.JOB_STATE_SUCCEEDED) {
-      span.setAttribute("ferry.checksum", result.checksum);
-    } else {
-      const message = result.error?.message ?? "job failed";
-      span.recordException({ name: result.error?.code ?? "Error", message });
-      span.setStatus({ code: SpanStatusCode.ERROR, message });
+    if (!job.finish(result, Date.now())) return;
+    try {
+      this.store.finish(job, result);
+    } catch (error) {
+      this.log(`ferry scheduler: could not store the result of ${job.id}: ${String(error)}`);
     }
-    span.end();
+    job.events.emit("event", { event: { $case: "result", value: result } });
+    const span = job.span;
+    if (span) {
+      span.setAttribute("ferry.job.state", JobState[result.state] ?? String(result.state));
+      if (result.state === JobState.JOB_STATE_SUCCEEDED) {
+        span.setAttribute("ferry.checksum", result.checksum);
+      } else {
+        const message = result.error?.message ?? "job failed";
+        span.recordException({ name: result.error?.code ?? "Error", message });
+        span.setStatus({ code: SpanStatusCode.ERROR, message });
+      }
+      span.end();
+      job.span = undefined;
+    }
+  }
+
+  // ---- models ----
+
+  async listModels(): Promise<ModelInfo[]> {
+    return this.models ? this.models.list() : [];
+  }
+
+  private command(
+    entry: ExecutorEntry,
+    build: (id: string) => ExecutorCommand["message"],
+    needsIdle: boolean,
+  ): Promise<Holdings | undefined> {
+    return new Promise((resolveCommand, reject) => {
+      const id = `cmd-${randomUUID().slice(0, 8)}`;
+      entry.commands.push({ id, message: build(id), needsIdle, resolve: resolveCommand, reject });
+      this.sendNextCommand(entry);
+    });
+  }
+
+  private sendNextCommand(entry: ExecutorEntry): void {
+    if (!entry.connected || entry.commandInFlight) return;
+    const next = entry.commands[0];
+    if (!next || (next.needsIdle && entry.running.size > 0)) return;
+    entry.commands.shift();
+    entry.commandInFlight = next;
+    entry.send(next.message);
+  }
+
+  private onCommandDone(
+    entry: ExecutorEntry,
+    done: {
+      commandId: string;
+      error: { code: string; message: string } | undefined;
+      holdings: Holdings | undefined;
+    },
+  ): void {
+    const command = entry.commandInFlight;
+    if (!command || command.id !== done.commandId) return;
+    entry.commandInFlight = undefined;
+    if (done.holdings) this.updateHoldings(entry, done.holdings, done.holdings.freeBytes);
+    if (done.error?.code) {
+      const code = (status as unknown as Record<string, number>)[done.error.code] ?? status.UNKNOWN;
+      command.reject(new StatusError(code, done.error.message));
+    } else {
+      command.resolve(done.holdings);
+    }
+    this.schedulePass();
+  }
+
+  /**
+   * Warms a model on an executor: a one-step warm-up run (batch 1) with the plan a job of it
+   * would get there fills the host params cache and, with `resident`, leaves the plan's resident
+   * segments in the device's residency cache. Waits for the executor to be free of jobs.
+   */
+  async loadModel(
+    ref: string,
+    executorId: string,
+    resident: boolean,
+  ): Promise<{
+    executorId: string;
+    modelPath: string;
+    hostCacheBytes: number;
+    residentBytes: number;
+  }> {
+    checkString("executor_id", executorId, MAX_ID_LENGTH, ID_PATTERN);
+    const models = this.requireModels();
+    const model = await models.resolve(ref);
+    const spec = this.resolveSpec({
+      modelPath: model.path,
+      steps: 1,
+      batch: 1,
+      tokens: DEFAULT_TOKENS,
+      seed: 0,
+      maxVramGib: undefined,
+      policy: "ferry",
+      noStream: false,
+      executorId,
+      paramsBackend: "cpu",
+      load: "eager",
+      verify: false,
+    });
+    const profile = await models.profile(model, spec.batch, spec.tokens);
+    const probe = { spec, profile, model } as Job;
+    let entry: ExecutorEntry | undefined;
+    if (executorId) {
+      entry = this.executors.get(executorId);
+      if (!entry || !entry.connected) {
+        throw new StatusError(
+          status.NOT_FOUND,
+          `no connected executor with id ${quote(executorId)}`,
+        );
+      }
+    } else {
+      const options = this.candidates(probe, this.executors.values());
+      const choice = choosePlacement(options.map((option) => option.candidate));
+      entry = options.find((option) => option.candidate === choice)?.entry;
+      if (!entry) {
+        throw new StatusError(status.UNAVAILABLE, "no connected executor can hold the model");
+      }
+    }
+    const warmUp = this.plan(probe, entry).plan;
+    if (!resident) {
+      for (const segment of warmUp.segments) segment.resident = false;
+      warmUp.residentBytes = 0;
+    }
+    const target = entry;
+    const holdings = await this.command(
+      target,
+      (commandId) => ({
+        $case: "loadModel",
+        value: { commandId, modelPath: model.path, warmUp, warmUpTokens: spec.tokens },
+      }),
+      true,
+    );
+    const held = holdings?.models.find((m) => m.path === model.path);
+    return {
+      executorId: target.id,
+      modelPath: model.path,
+      hostCacheBytes: held?.hostCacheBytes ?? 0,
+      residentBytes: holdings?.residentBytes ?? 0,
+    };
+  }
+
+  /** Evicts a model from one executor, or from every executor that has it open. */
+  async unloadModel(ref: string, executorId: string): Promise<string[]> {
+    checkString("executor_id", executorId, MAX_ID_LENGTH, ID_PATTERN);
+    const models = this.requireModels();
+    let path: string;
+    try {
+      path = (await models.resolve(ref)).path;
+    } catch (error) {
+      // A file deleted from the repository can still be evicted by the path executors report.
+      const held = [...this.executors.values()].some((e) => e.isWarm(ref));
+      if (!held) throw error;
+      path = ref;
+    }
+    let targets: ExecutorEntry[];
+    if (executorId) {
+      const entry = this.executors.get(executorId);
+      if (!entry || !entry.connected) {
+        throw new StatusError(
+          status.NOT_FOUND,
+          `no connected executor with id ${quote(executorId)}`,
+        );
+      }
+      targets = [entry];
+    } else {
+      targets = [...this.executors.values()].filter((e) => e.connected && e.isWarm(path));
+    }
+    await Promise.all(
+      targets.map((entry) =>
+        this.command(
+          entry,
+          (commandId) => ({ $case: "unloadModel", value: { commandId, modelPath: path } }),
+          false,
+        ),
+      ),
+    );
+    return targets.map((entry) => entry.id);
   }
 
   // ---- shutdown ----
 
-  /** Stops taking jobs; waits up to `graceMs` for running ones, then fails what is left. */
+  /**
+   * Stops taking jobs and starting them; waits up to `graceMs` for running jobs to finish. With a
+   * database on disk, what is left stays queued or running there for the next start (executors
+   * keep running their jobs and report back); with an in-memory one it fails with UNAVAILABLE.
+   */
   async drain(graceMs: number): Promise<void> {
-    this.draining = true;
+    if (this.lifecycle !== "running") return;
+    this.lifecycle = "draining";
     const deadline = Date.now() + graceMs;
-    for (const job of this.jobs.values()) {
-      if (job.finished) continue;
-      const executor = this.executors.get(job.executorId);
-      if (executor && executor.queue.includes(job)) this.cancel(job.id);
-    }
-    while (Date.now() < deadline && [...this.jobs.values()].some((job) => !job.finished)) {
+    const running = () =>
+      [...this.jobs.values()].some((j) => j.state === JobState.JOB_STATE_RUNNING);
+    while (Date.now() < deadline && running()) {
       await new Promise((resolveWait) => setTimeout(resolveWait, 50));
     }
-    for (const job of this.jobs.values()) {
-      if (!job.finished) {
-        this.finishJob(job, {
-          state: JobState.JOB_STATE_FAILED,
-          code: status.UNAVAILABLE,
-          message: "the scheduler shut down before the job finished",
-        });
+    for (const job of [...this.jobs.values()]) {
+      if (job.finished) continue;
+      if (!this.durable) {
+        this.queue.remove(job);
+        this.finishJob(
+          job,
+          JobState.JOB_STATE_FAILED,
+          status.UNAVAILABLE,
+          "the scheduler shut down before the job finished",
+        );
+      } else {
+        // Watchers hear why their stream ends; the job itself carries on after a restart.
+        job.events.emit("shutdown");
+        job.span?.end();
       }
     }
+    this.lifecycle = "stopped";
     clearInterval(this.monitor);
-    for (const connection of this.executors.values()) connection.stream.end();
+    for (const entry of this.executors.values()) {
+      this.failCommands(entry, "was disconnected: the scheduler is shutting down");
+      entry.stream?.end();
+      entry.stream = undefined;
+    }
     this.executors.clear();
+    this.store.close();
+  }
+
+  get stopping(): boolean {
+    return this.lifecycle !== "running";
   }
 }

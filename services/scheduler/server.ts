@@ -1,28 +1,53 @@
 import {
   Server,
-  ServerCredentials,
+  status,
   type ServerUnaryCall,
   type ServerWritableStream,
   type sendUnaryData,
 } from "@grpc/grpc-js";
+import { ReflectionService } from "@grpc/reflection";
+import { HealthImplementation } from "grpc-health-check";
 import { propagation, ROOT_CONTEXT, type Context } from "@opentelemetry/api";
 import {
   CancelJobResponse,
+  GetJobResponse,
   GetPlanResponse,
   ListExecutorsResponse,
+  ListJobsResponse,
+  ListModelsResponse,
+  LoadModelResponse,
   SchedulerServiceService,
   SubmitJobResponse,
+  UnloadModelResponse,
   type SchedulerServiceServer,
   type WatchJobRequest,
   type WatchJobResponse,
 } from "../../gen/ferry/v1/scheduler";
-import { Scheduler, type SchedulerOptions } from "./scheduler";
-import { toStatusError } from "../../lib/wire/statusError";
+import {
+  serverCredentials,
+  tokenInterceptor,
+  type ServerTlsFiles,
+} from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
+import { ferryPackageDefinition } from "../../lib/wire/protoDefinition";
+import { checkDecoded, tolerantDecoding } from "../../lib/wire/decoding";
+import { StatusError, toStatusError } from "../../lib/wire/statusError";
+import type { ExecutorStream } from "./executors";
+import { JobStore } from "./jobStore";
+import { ModelRepository } from "./modelRepository";
+import { Scheduler, type SchedulerOptions } from "./scheduler";
 
-export interface SchedulerServerOptions extends SchedulerOptions {
+export interface SchedulerServerOptions extends Omit<SchedulerOptions, "store" | "models"> {
   /** HOST:PORT to listen on; port 0 picks a free one. @default "127.0.0.1:7400" */
   listen?: string;
+  /** The job database; ":memory:" keeps nothing across restarts. @default ":memory:" */
+  db?: string;
+  /** The model repository's directories. @default [] (no models: jobs are refused) */
+  modelDirs?: readonly string[];
+  /** Clients and executors must send this bearer token. @default undefined (no token) */
+  token?: string;
+  /** Serve TLS (and verify executors' client certificates). @default undefined (plaintext) */
+  tls?: ServerTlsFiles;
 }
 
 type Lifecycle = "running" | "draining" | "stopped";
@@ -33,9 +58,14 @@ export interface SchedulerServer {
   address: string;
   port: number;
   scheduler: Scheduler;
-  /** running → draining → stopped: stop taking jobs, wait for running ones, close streams. */
+  /**
+   * running → draining → stopped: health turns NOT_SERVING, new jobs are refused, running jobs
+   * get `graceMs` to finish, then streams close and the database is closed.
+   */
   close(graceMs?: number): Promise<void>;
 }
+
+const SERVICE_NAME = "ferry.v1.SchedulerService";
 
 function traceContextOf(call: { metadata: { getMap(): Record<string, unknown> } }): Context {
   const carrier: Record<string, string> = {};
@@ -51,51 +81,105 @@ function unary<Req, Res>(
   log: (line: string) => void,
 ): (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => void {
   return (call, callback) => {
-    body(call).then(
-      (response) => callback(null, response),
-      (error) => callback(toStatusError(error, log)),
-    );
+    Promise.resolve()
+      .then(() => {
+        checkDecoded(call.request);
+        return body(call);
+      })
+      .then(
+        (response) => callback(null, response),
+        (error) => callback(toStatusError(error, log)),
+      );
   };
 }
 
-function serviceImplementation(scheduler: Scheduler, log: (line: string) => void) {
-  const implementation: SchedulerServiceServer = {
-    connect: (stream) => scheduler.attachExecutor(stream),
+/** Ends a server stream with a status (grpc-js sends an 'error' event's status and closes). */
+function failStream(
+  call: { emit(event: "error", error: Error): boolean },
+  error: unknown,
+  log: (line: string) => void,
+) {
+  call.emit("error", toStatusError(error, log));
+}
+
+function serviceImplementation(
+  scheduler: Scheduler,
+  log: (line: string) => void,
+  requireExecutorCertificate: boolean,
+): SchedulerServiceServer {
+  return {
+    connect: (stream: ExecutorStream) => {
+      if (requireExecutorCertificate && !stream.getAuthContext().sslPeerCertificate) {
+        failStream(
+          stream,
+          new StatusError(
+            status.UNAUTHENTICATED,
+            "executors must present a client certificate signed by the scheduler's --tls-client-ca",
+          ),
+          log,
+        );
+        return;
+      }
+      scheduler.attachExecutor(stream);
+    },
 
     submitJob: unary(async (call) => {
-      const job = await scheduler.submit(call.request.spec, traceContextOf(call));
-      const executor = scheduler.listExecutors().find((e) => e.executorId === job.executorId);
+      const outcome = await scheduler.submit(
+        call.request,
+        traceContextOf(call),
+        () => call.cancelled,
+      );
       return SubmitJobResponse.fromPartial({
-        jobId: job.id,
-        executorId: job.executorId,
-        plan: job.plan,
-        device: executor?.device,
+        jobId: outcome.job.id,
+        executorId: outcome.executorId,
+        plan: outcome.plan,
+        device: outcome.device,
+        state: outcome.job.state,
+        existing: outcome.existing,
       });
     }, log),
 
     watchJob: (call: ServerWritableStream<WatchJobRequest, WatchJobResponse>) => {
       let job;
       try {
+        checkDecoded(call.request);
         job = scheduler.getJob(call.request.jobId);
       } catch (error) {
-        // grpc-js sends an 'error' event's status to the client and ends the call.
-        call.emit("error", toStatusError(error, log));
+        failStream(call, error, log);
         return;
       }
       for (const event of job.history()) call.write(event);
       if (job.finished) {
+        call.write({ event: { $case: "result", value: scheduler.resultOf(job) } });
         call.end();
         return;
       }
+      const stop = () => {
+        job.events.off("event", onEvent);
+        job.events.off("shutdown", onShutdown);
+      };
       const onEvent = (event: WatchJobResponse) => {
         call.write(event);
         if (event.event?.$case === "result") {
-          job.events.off("event", onEvent);
+          stop();
           call.end();
         }
       };
+      const onShutdown = () => {
+        stop();
+        failStream(
+          call,
+          new StatusError(
+            status.UNAVAILABLE,
+            "the scheduler is restarting; the job is kept: watch it again once it is back",
+          ),
+          log,
+        );
+      };
       job.events.on("event", onEvent);
-      call.on("cancelled", () => job.events.off("event", onEvent));
+      job.events.on("shutdown", onShutdown);
+      call.on("cancelled", stop);
+      call.on("close", stop);
     },
 
     cancelJob: unary(
@@ -104,13 +188,24 @@ function serviceImplementation(scheduler: Scheduler, log: (line: string) => void
       log,
     ),
 
+    getJob: unary(
+      async (call) =>
+        GetJobResponse.fromPartial({ job: scheduler.getJob(call.request.jobId).info() }),
+      log,
+    ),
+
+    listJobs: unary(async (call) => {
+      const { states, pageSize, pageToken } = call.request;
+      return ListJobsResponse.fromPartial(scheduler.listJobs(states, pageSize, pageToken));
+    }, log),
+
     getPlan: unary(async (call) => {
-      const { plan, executor } = await scheduler.getPlan(call.request.spec);
+      const { plan, executorId } = await scheduler.getPlan(call.request.spec);
       // The device as it was planned for: calibrated rates, not only the registered ones.
       return GetPlanResponse.fromPartial({
         plan,
-        executorId: executor.id,
-        device: executor.info().calibrated,
+        executorId,
+        device: scheduler.calibratedDeviceOf(executorId),
       });
     }, log),
 
@@ -118,29 +213,61 @@ function serviceImplementation(scheduler: Scheduler, log: (line: string) => void
       async () => ListExecutorsResponse.fromPartial({ executors: scheduler.listExecutors() }),
       log,
     ),
+
+    listModels: unary(
+      async () => ListModelsResponse.fromPartial({ models: await scheduler.listModels() }),
+      log,
+    ),
+
+    loadModel: unary(async (call) => {
+      const { model, executorId, resident } = call.request;
+      return LoadModelResponse.fromPartial(await scheduler.loadModel(model, executorId, resident));
+    }, log),
+
+    unloadModel: unary(async (call) => {
+      const { model, executorId } = call.request;
+      return UnloadModelResponse.fromPartial({
+        executorIds: await scheduler.unloadModel(model, executorId),
+      });
+    }, log),
   };
-  return implementation;
 }
 
-/** Starts the scheduler's gRPC server. */
+/** Starts the scheduler's gRPC server (with health checking and reflection). */
 export async function startSchedulerServer(
   options: SchedulerServerOptions = {},
 ): Promise<SchedulerServer> {
   const log = options.log ?? ((line: string) => console.error(line));
   const listen = options.listen ?? "127.0.0.1:7400";
-  const scheduler = new Scheduler({ ...options, log });
+  const models = await ModelRepository.open(options.modelDirs ?? []);
+  const credentials = serverCredentials(options.tls);
+  const store = new JobStore(options.db ?? ":memory:");
+  const scheduler = new Scheduler({ ...options, log, store, models });
   const server = new Server({
     "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
     "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
+    interceptors: options.token ? [tokenInterceptor(options.token)] : [],
   });
-  server.addService(SchedulerServiceService, serviceImplementation(scheduler, log));
-  const port = await new Promise<number>((resolvePort, reject) => {
-    server.bindAsync(listen, ServerCredentials.createInsecure(), (error, boundPort) =>
-      error
-        ? reject(new Error(`cannot listen on ${listen}: ${error.message}`))
-        : resolvePort(boundPort),
-    );
-  });
+  server.addService(
+    tolerantDecoding(SchedulerServiceService),
+    serviceImplementation(scheduler, log, Boolean(options.tls?.clientCaFile)),
+  );
+  const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
+  health.addToServer(server);
+  new ReflectionService(ferryPackageDefinition()).addToServer(server);
+  let port: number;
+  try {
+    port = await new Promise<number>((resolvePort, reject) => {
+      server.bindAsync(listen, credentials, (error, boundPort) =>
+        error
+          ? reject(new Error(`cannot listen on ${listen}: ${error.message}`))
+          : resolvePort(boundPort),
+      );
+    });
+  } catch (error) {
+    await scheduler.drain(0);
+    throw error;
+  }
   const host = listen.slice(0, listen.lastIndexOf(":")) || "127.0.0.1";
   let lifecycle: Lifecycle = "running";
   return {
@@ -150,6 +277,8 @@ export async function startSchedulerServer(
     async close(graceMs = 5000) {
       if (lifecycle !== "running") return;
       lifecycle = "draining";
+      health.setStatus("", "NOT_SERVING");
+      health.setStatus(SERVICE_NAME, "NOT_SERVING");
       await scheduler.drain(graceMs);
       await new Promise<void>((done) => {
         const force = setTimeout(() => {
