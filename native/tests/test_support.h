@@ -1,9 +1,11 @@
 #pragma once
 // Minimal test harness for the native ctest executables (no framework): CHECK macros that count
-// failures, a runner over named test functions, temp files, and a writer for safetensors files —
-// including tiny Ferry DiT models with random weights.
+// failures, a runner over named test functions (timed), temp files, and writers for safetensors
+// and GGUF files — including tiny Ferry DiT models with random weights, in GGUF in any weight type
+// ggml can quantize to (ggml's own quantizer).
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -17,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "ferry/dtype.h"
+#include "ggml.h"
 
 namespace ferry_test {
 
@@ -90,12 +92,15 @@ struct TestCase {
 inline int run_all(const std::vector<TestCase>& tests) {
   for (const auto& t : tests) {
     const int before = failures();
+    const auto start = std::chrono::steady_clock::now();
     try {
       t.fn();
     } catch (const std::exception& e) {
       report_failure(t.name, 0, std::string("uncaught exception: ") + e.what());
     }
-    std::fprintf(stderr, "%s %s\n", failures() == before ? "ok  " : "FAIL", t.name);
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "%s %s (%.0f ms)\n", failures() == before ? "ok  " : "FAIL", t.name, ms);
   }
   std::fprintf(stderr, "%d failure(s)\n", failures());
   return failures() == 0 ? 0 : 1;
@@ -199,7 +204,14 @@ inline std::string encode(const std::vector<float>& values, const std::string& d
       std::memcpy(b, &v, 4);
       out.append(b, 4);
     } else {
-      const uint16_t h = dtype == "F16" ? ferry::f32_to_f16(v) : ferry::f32_to_bf16(v);
+      uint16_t h;
+      if (dtype == "F16") {
+        const ggml_fp16_t f = ggml_fp32_to_fp16(v);
+        std::memcpy(&h, &f, 2);
+      } else {
+        const ggml_bf16_t b = ggml_fp32_to_bf16(v);
+        std::memcpy(&h, &b, 2);
+      }
       out += static_cast<char>(h & 0xFF);
       out += static_cast<char>(h >> 8);
     }
@@ -253,6 +265,180 @@ inline std::map<std::string, std::string> dit_metadata(const DitSpec& s) {
 
 inline void write_dit(const std::string& path, const DitSpec& s) {
   write_safetensors(path, dit_metadata(s), dit_tensors(s));
+}
+
+// ---- GGUF ----
+
+// Little-endian byte sink.
+struct Bytes {
+  std::string b;
+  void u8(uint8_t v) { b += static_cast<char>(v); }
+  void u16(uint16_t v) { raw(&v, 2); }
+  void u32(uint32_t v) { raw(&v, 4); }
+  void u64(uint64_t v) { raw(&v, 8); }
+  void f32(float v) { raw(&v, 4); }
+  void f64(double v) { raw(&v, 8); }
+  void str(const std::string& s) {
+    u64(s.size());
+    b += s;
+  }
+  void raw(const void* p, size_t n) { b.append(static_cast<const char*>(p), n); }
+};
+
+// A GGUF file built field by field, with the layout ggml's gguf_write_to_file (and
+// lib/model/ggufWriter.ts) produce: header, metadata, tensor infos, zero padding to the alignment,
+// then each tensor's data padded to the alignment. Metadata values are written with their type
+// id; helpers cover the common cases, `kv_raw` anything (including broken values).
+class GgufBuilder {
+ public:
+  enum : uint32_t {
+    kU8 = 0,
+    kI8,
+    kU16,
+    kI16,
+    kU32,
+    kI32,
+    kF32,
+    kBool,
+    kString,
+    kArray,
+    kU64,
+    kI64,
+    kF64
+  };
+
+  uint32_t version = 3;
+  uint64_t alignment = 32;  // used for layout; write general.alignment yourself to declare it
+
+  void kv_u32(const std::string& key, uint32_t v) {
+    begin_kv(key, kU32);
+    meta_.u32(v);
+  }
+  void kv_string(const std::string& key, const std::string& v) {
+    begin_kv(key, kString);
+    meta_.str(v);
+  }
+  // `value` is the encoded value (after the type id).
+  void kv_raw(const std::string& key, uint32_t type, const std::string& value) {
+    begin_kv(key, type);
+    meta_.b += value;
+  }
+
+  struct Tensor {
+    std::string name;
+    std::vector<uint64_t> ne;  // ggml order
+    uint32_t type;             // ggml type id
+    std::string data;
+  };
+  void tensor(const std::string& name, std::vector<uint64_t> ne, uint32_t type, std::string data) {
+    tensors_.push_back({name, std::move(ne), type, std::move(data)});
+  }
+
+  std::string bytes() const {
+    Bytes out;
+    out.raw("GGUF", 4);
+    out.u32(version);
+    out.u64(tensors_.size());
+    out.u64(kvs_);
+    out.b += meta_.b;
+    uint64_t at = 0;
+    for (const auto& t : tensors_) {
+      out.str(t.name);
+      out.u32(static_cast<uint32_t>(t.ne.size()));
+      for (uint64_t d : t.ne) out.u64(d);
+      out.u32(t.type);
+      out.u64(at);
+      at += (t.data.size() + alignment - 1) / alignment * alignment;
+    }
+    out.b.resize((out.b.size() + alignment - 1) / alignment * alignment, '\0');
+    for (const auto& t : tensors_) {
+      out.b += t.data;
+      out.b.resize((out.b.size() + alignment - 1) / alignment * alignment, '\0');
+    }
+    return out.b;
+  }
+
+ private:
+  void begin_kv(const std::string& key, uint32_t type) {
+    meta_.str(key);
+    meta_.u32(type);
+    kvs_++;
+  }
+  Bytes meta_;
+  uint64_t kvs_ = 0;
+  std::vector<Tensor> tensors_;
+};
+
+inline std::vector<float> decode_f32(const std::string& data) {
+  std::vector<float> v(data.size() / 4);
+  std::memcpy(v.data(), data.data(), data.size());
+  return v;
+}
+
+// `values` (rows of `n_per_row`) in ggml type `type`, by ggml's own quantizer (or conversion, for
+// f32/f16/bf16). Types that need an importance matrix are not supported.
+inline std::string ggml_encode(ggml_type type, const std::vector<float>& values,
+                               int64_t n_per_row) {
+  const int64_t rows = static_cast<int64_t>(values.size()) / n_per_row;
+  std::string out(ggml_row_size(type, n_per_row) * static_cast<size_t>(rows), '\0');
+  const size_t written =
+      ggml_quantize_chunk(type, values.data(), out.data(), 0, rows, n_per_row, nullptr);
+  if (written != out.size()) std::abort();
+  return out;
+}
+
+// The type a DiT tensor of row-major `shape` is stored in when a GGUF DiT is written "in" `type`,
+// as gen-model does: with a quantized type, 2-D weights whose rows are whole blocks are quantized,
+// other 2-D weights stored f16, 1-D tensors f32; with f32/f16/bf16 every tensor is in that type.
+inline ggml_type dit_gguf_tensor_type(ggml_type type, const std::vector<int64_t>& shape) {
+  if (!ggml_is_quantized(type)) return type;
+  if (shape.size() != 2) return GGML_TYPE_F32;
+  return shape[1] % ggml_blck_size(type) == 0 ? type : GGML_TYPE_F16;
+}
+
+// The DiT of `spec` (its F32 weights: the same values as the safetensors writer's) as GGUF:
+// general.architecture "ferry-dit", ferry-dit.{blocks,hidden,heads,channels} uint32, tensors named
+// and ordered as in safetensors with ne the reversed shape, stored as dit_gguf_tensor_type says.
+// `alignment` other than 32 is declared as general.alignment.
+inline std::string dit_gguf_bytes(const DitSpec& spec, ggml_type type, uint64_t alignment = 32) {
+  DitSpec f32 = spec;
+  f32.dtype = "F32";
+  GgufBuilder g;
+  g.alignment = alignment;
+  g.kv_string("general.architecture", "ferry-dit");
+  if (alignment != 32) g.kv_u32("general.alignment", static_cast<uint32_t>(alignment));
+  g.kv_u32("ferry-dit.blocks", static_cast<uint32_t>(spec.blocks));
+  g.kv_u32("ferry-dit.hidden", static_cast<uint32_t>(spec.hidden));
+  g.kv_u32("ferry-dit.heads", static_cast<uint32_t>(spec.heads));
+  g.kv_u32("ferry-dit.channels", static_cast<uint32_t>(spec.channels));
+  for (const auto& t : dit_tensors(f32)) {
+    const std::vector<uint64_t> ne(t.shape.rbegin(), t.shape.rend());
+    const ggml_type stored = dit_gguf_tensor_type(type, t.shape);
+    g.tensor(t.name, ne, static_cast<uint32_t>(stored),
+             ggml_encode(stored, decode_f32(t.data), static_cast<int64_t>(ne[0])));
+  }
+  return g.bytes();
+}
+
+inline std::string dit_gguf_bytes(const DitSpec& spec, const std::string& type_name,
+                                  uint64_t alignment = 32) {
+  for (int i = 0; i < GGML_TYPE_COUNT; i++) {
+    const auto type = static_cast<ggml_type>(i);
+    if (ggml_blck_size(type) != 0 && type_name == ggml_type_name(type)) {
+      return dit_gguf_bytes(spec, type, alignment);
+    }
+  }
+  std::abort();
+}
+
+inline void write_dit_gguf(const std::string& path, const DitSpec& spec, const std::string& type,
+                           uint64_t alignment = 32) {
+  write_file(path, dit_gguf_bytes(spec, type, alignment));
+}
+
+inline void write_dit_gguf(const std::string& path, const DitSpec& spec, ggml_type type,
+                           uint64_t alignment = 32) {
+  write_file(path, dit_gguf_bytes(spec, type, alignment));
 }
 
 }  // namespace ferry_test
