@@ -299,6 +299,31 @@ void cancellation() {
   }
 }
 
+// A cpu-backend job keeps its params (and releases its holds on them), so a later disk-backend
+// job on the same model can drop every segment once copied; a failed job gives its holds back.
+void params_holds_are_released() {
+  Fixture f;
+  Model& m = *f.model;
+  CpuDevice device({kCapacity, 0, 2});
+  run(device, m, request(per_base(m, false), Execution::kPooled, 2));
+  CHECK(m.host_cache_bytes() > 0);
+  RunRequest disk = request(per_base(m, false), Execution::kPooled, 2);
+  disk.params_backend = ParamsBackend::kDisk;
+  run(device, m, disk);
+  CHECK_EQ(m.host_cache_bytes(), uint64_t{0});
+  RunRequest serial = request(per_base(m, false));
+  serial.params_backend = ParamsBackend::kDisk;
+  run(device, m, serial);
+  CHECK_EQ(m.host_cache_bytes(), uint64_t{0});
+  // Cancelled after step 1: whatever was prepared ahead goes back too.
+  std::atomic<bool> cancel{false};
+  DeviceLease lease(device);
+  CHECK_THROWS(CancelledError,
+               run_job(lease, m, disk, &cancel, [&](StepReport&&) { cancel.store(true); }),
+               "cancelled");
+  CHECK_EQ(m.host_cache_bytes(), uint64_t{0});
+}
+
 void paced_link_same_result() {
   Fixture f;
   Model& m = *f.model;
@@ -322,6 +347,7 @@ int main() {
       {"out_of_memory_leaves_device_empty", out_of_memory_leaves_device_empty},
       {"rejects_bad_plans", rejects_bad_plans},
       {"cancellation", cancellation},
+      {"params_holds_are_released", params_holds_are_released},
       {"paced_link_same_result", paced_link_same_result},
   });
 }

@@ -90,7 +90,7 @@ class ModelArch {
   virtual ~ModelArch() = default;
   // "ferry-dit", "flux".
   virtual std::string name() const = 0;
-  // One line for messages: "ferry-dit (4 blocks, hidden 256, heads 4, channels 16)".
+  // One line for messages: "ferry-dit 4 blocks, hidden 256, heads 4, channels 16".
   virtual std::string describe() const = 0;
   // The model's configuration as numbers (hidden, heads, blocks, …), for the addon and planner.
   virtual std::map<std::string, double> config() const = 0;

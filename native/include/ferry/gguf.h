@@ -105,7 +105,7 @@ struct GgufHeader {
   uint32_t version = 0;
   uint64_t file_bytes = 0;
   uint64_t alignment = 32;    // general.alignment, or 32
-  uint64_t header_bytes = 0;  // end of the tensor infos
+  uint64_t header_bytes = 0;  // ggml reports only the data offset: the same as data_start
   uint64_t data_start = 0;    // header_bytes rounded up to the alignment
   std::vector<std::pair<std::string, GgufValue>> metadata;  // file order
   std::vector<GgufTensorInfo> tensors;                      // tensor-info order

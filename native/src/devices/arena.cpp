@@ -121,7 +121,7 @@ size_t Arena::largest_free_locked() const {
 
 size_t Arena::free_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return capacity_ - in_use_;
+  return usable_ - in_use_;  // the capacity rounded down to the alignment is all it hands out
 }
 
 MemoryStats Arena::stats() const {

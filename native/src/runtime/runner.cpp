@@ -140,7 +140,7 @@ class RunBase {
       : device_(device), model_(model), request_(request), cancel_(cancel) {
     validate();
   }
-  virtual ~RunBase() = default;
+  virtual ~RunBase() { release_holds(); }
 
  protected:
   // Device memory, making room by evicting cached weights no job holds when it does not fit, and
@@ -279,6 +279,8 @@ class RunBase {
       if (!want.empty() && !want[i]) continue;
       p.host[i] = model_.prepare_params(b);
       p.disk_bytes += p.host[i].disk_bytes;
+      std::lock_guard<std::mutex> lock(holds_mu_);
+      holds_[b]++;
     }
     p.end_us = wall_clock_us();
     return p;
@@ -342,11 +344,27 @@ class RunBase {
     }
   }
 
-  // Disk backend: the copied members' host params are no longer needed.
+  // The copied members' host params are no longer needed by this job: the disk backend drops
+  // them (the copy must have landed), the cpu backend keeps them for later steps and jobs.
   void release_copied(const MergedSegment& seg, const std::vector<Model::HostParams>& host) {
-    if (request_.params_backend != ParamsBackend::kDisk) return;
+    const auto backend = request_.params_backend == ParamsBackend::kDisk ? Model::Backend::kDisk
+                                                                         : Model::Backend::kCpu;
     for (size_t b = seg.first; b <= seg.last; b++) {
-      if (host[b - seg.first].data) model_.release_params(b);
+      if (!host[b - seg.first].data) continue;
+      model_.release_params(b, backend);
+      std::lock_guard<std::mutex> lock(holds_mu_);
+      holds_[b]--;
+    }
+  }
+
+  // Params this job prepared and did not release (a run that failed or was cancelled midway):
+  // given back, so the cache does not hold them for good.
+  void release_holds() noexcept {
+    const auto backend = request_.params_backend == ParamsBackend::kDisk ? Model::Backend::kDisk
+                                                                         : Model::Backend::kCpu;
+    std::lock_guard<std::mutex> lock(holds_mu_);
+    for (size_t b = 0; b < holds_.size(); b++) {
+      for (; holds_[b] > 0; holds_[b]--) model_.release_params(b, backend);
     }
   }
 
@@ -387,6 +405,8 @@ class RunBase {
   std::unique_ptr<StepDriver> driver_;
   DeviceBuffer activations_;
   std::vector<std::vector<uint64_t>> checksums_;  // verify: per base segment, per tensor
+  std::mutex holds_mu_;     // the copy thread prepares while the compute thread releases
+  std::vector<int> holds_;  // per base segment: prepares not yet released
 
  private:
   void validate() {
@@ -447,6 +467,7 @@ class RunBase {
                                  std::to_string(base.size() - 1));
     }
     checksums_.resize(base.size());
+    holds_.assign(base.size(), 0);
   }
 };
 
@@ -810,8 +831,10 @@ class PooledRun : public RunBase {
       if (copies_need_host_wait()) {
         landed.copy->wait();
         verify_copy(step, seg, landed.prepared.host, landed.dst);
-        release_copied(seg, landed.prepared.host);
       }
+      // The cpu backend keeps the bytes whether or not the copy has landed; the disk backend
+      // waited for it just above.
+      release_copied(seg, landed.prepared.host);
       device_.compute_wait(landed.copy);
       if (seg.resident) {
         publish_uploads(seg);
