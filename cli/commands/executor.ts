@@ -1,7 +1,12 @@
 import type { Command } from "commander";
-import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
+import {
+  ferryDefaults,
+  parseIntegerFlag,
+  parseNumberFlag,
+  parsePortFlag,
+} from "../../lib/config/config";
 import { parseBytes } from "../../lib/config/units";
-import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
+import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import {
   Executor,
   LOAD_MODES,
@@ -20,6 +25,8 @@ interface ExecutorFlags {
   id?: string;
   paramsBackend: string;
   load: string;
+  metricsPort?: string;
+  metricsHost: string;
 }
 
 export function register(program: Command): void {
@@ -43,6 +50,16 @@ export function register(program: Command): void {
       "cpu",
     )
     .option("--load <mode>", "default for jobs: lazy, eager or background", "background")
+    .option(
+      "--metrics-port <port>",
+      "serve Prometheus metrics at /metrics on this port; 0 = any free port (FERRY_METRICS_PORT)",
+      defaults.metricsPort,
+    )
+    .option(
+      "--metrics-host <host>",
+      "address the metrics endpoint listens on (FERRY_METRICS_HOST)",
+      defaults.metricsHost,
+    )
     .action(
       action("executor", async (options: ExecutorFlags) => {
         if (options.device !== "cpu" && options.device !== "cuda") {
@@ -54,7 +71,7 @@ export function register(program: Command): void {
         if (!LOAD_MODES.includes(options.load as LoadMode)) {
           throw new Error(`--load must be one of ${LOAD_MODES.join(", ")}`);
         }
-        setupTracing("ferry-executor");
+        const metricsPort = parsePortFlag("--metrics-port", options.metricsPort);
         const executor = new Executor({
           scheduler: options.scheduler,
           device: options.device,
@@ -64,14 +81,33 @@ export function register(program: Command): void {
           linkGbps: parseNumberFlag("--link-gbps", options.linkGbps, 0, 10_000),
           threads: parseIntegerFlag("--threads", options.threads, 0, 1024),
           id: options.id,
+          stepSpans: defaults.stepSpans,
         });
+        // After the device exists (its name is a resource attribute), before any job runs.
+        const device = executor.deviceInfo();
+        const telemetry = await setupTelemetry({
+          serviceName: "ferry-executor",
+          attributes: {
+            "service.instance.id": executor.id,
+            "ferry.executor.id": executor.id,
+            "ferry.device.name": device.name,
+            "ferry.device.kind": device.kind,
+          },
+          metricsPort,
+          metricsHost: options.metricsHost,
+        });
+        if (telemetry.metricsUrl) {
+          process.stderr.write(
+            `ferry executor ${executor.id}: metrics on ${telemetry.metricsUrl}\n`,
+          );
+        }
         await executor.start();
         process.stderr.write(
           `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${options.scheduler}\n`,
         );
         onShutdownSignal(async () => {
           await executor.stop();
-          await shutdownTracing();
+          await shutdownTelemetry();
         });
       }),
     );

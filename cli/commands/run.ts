@@ -1,10 +1,13 @@
 import { rename, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
+import { context, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
 import type { Command } from "commander";
 import type { JobProgress, JobResult, SubmitJobResponse } from "../../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../../lib/client/schedulerClient";
 import { ferryDefaults, parseIntegerFlag, parseNumberFlag } from "../../lib/config/config";
 import { formatBytes } from "../../lib/config/units";
+import { ferryTracer } from "../../lib/telemetry/api";
+import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { planToJson } from "../../lib/planner/planJson";
 import { action } from "../action";
@@ -89,7 +92,14 @@ export function register(program: Command): void {
     .option("--output <path>", "write the output tensor as raw little-endian float32 [B,T,C]")
     .action(
       action("run", async (flags: RunFlags) => {
+        // The client's span is the root of the job's one trace: scheduler and executor spans
+        // join it through the traceparent the client sends.
+        await setupTelemetry({ serviceName: "ferry-client" });
         const client = new SchedulerClient(flags.scheduler);
+        const span = ferryTracer().startSpan("ferry.run", {
+          kind: SpanKind.CLIENT,
+          attributes: { "ferry.model": resolve(flags.model), "ferry.policy": flags.policy },
+        });
         try {
           await client.ready();
           const spec = {
@@ -110,18 +120,21 @@ export function register(program: Command): void {
             verify: flags.verify ?? false,
           };
           let submitted: SubmitJobResponse | undefined;
-          const result = await client.runJob(
-            spec,
-            (progress) => process.stderr.write(`${formatStep(progress)}\n`),
-            (response) => {
-              submitted = response;
-              const plan = response.plan;
-              process.stderr.write(
-                `job ${response.jobId} on ${response.executorId}: ${plan?.policy} plan, ` +
-                  `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
-                  `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
-              );
-            },
+          const result = await context.with(trace.setSpan(context.active(), span), () =>
+            client.runJob(
+              spec,
+              (progress) => process.stderr.write(`${formatStep(progress)}\n`),
+              (response) => {
+                submitted = response;
+                span.setAttribute("ferry.job.id", response.jobId);
+                const plan = response.plan;
+                process.stderr.write(
+                  `job ${response.jobId} on ${response.executorId}: ${plan?.policy} plan, ` +
+                    `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
+                    `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
+                );
+              },
+            ),
           );
           if (flags.output) {
             // Write beside the target, then rename: a reader never sees half a tensor.
@@ -139,8 +152,14 @@ export function register(program: Command): void {
                 `total     ${result.totalSeconds.toFixed(3)} s\n`,
             );
           }
+        } catch (error) {
+          span.recordException(error as Error);
+          span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+          throw error;
         } finally {
+          span.end();
           client.close();
+          await shutdownTelemetry();
         }
       }),
     );

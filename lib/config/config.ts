@@ -13,6 +13,17 @@
  * | executor id        | --id            | FERRY_EXECUTOR_ID    | host-random      |
  * | heartbeat interval | --heartbeat-ms  | FERRY_HEARTBEAT_MS   | 1000             |
  * | trace file         | (none)          | FERRY_TRACE_FILE     | unset (no file)  |
+ * | metrics port       | --metrics-port  | FERRY_METRICS_PORT   | unset (none)     |
+ * | metrics address    | --metrics-host  | FERRY_METRICS_HOST   | 127.0.0.1        |
+ * | status page port   | --http-port     | FERRY_HTTP_PORT      | unset (none)     |
+ * | status page address| --http-host     | FERRY_HTTP_HOST      | 127.0.0.1        |
+ * | step spans         | (none)          | FERRY_STEP_SPANS     | 1 (0: bench only)|
+ *
+ * `--metrics-port` (serve, executor) serves Prometheus metrics at /metrics; `--http-port`
+ * (serve) the read-only status page. Port 0 picks a free port (the process prints it). Both
+ * listen on loopback unless told otherwise. The standard `OTEL_*` variables (exporter, OTLP
+ * endpoint and protocol, service name, resource attributes, sampler) are read by
+ * lib/telemetry/tracing.ts.
  */
 export interface FerryDefaults {
   scheduler: string;
@@ -23,6 +34,12 @@ export interface FerryDefaults {
   threads: string;
   executorId: string | undefined;
   heartbeatMs: string;
+  metricsPort: string | undefined;
+  metricsHost: string;
+  httpPort: string | undefined;
+  httpHost: string;
+  /** Whether executors build spans from step events (`ferry bench tracing` turns it off). */
+  stepSpans: boolean;
 }
 
 export function ferryDefaults(env: NodeJS.ProcessEnv = process.env): FerryDefaults {
@@ -35,6 +52,11 @@ export function ferryDefaults(env: NodeJS.ProcessEnv = process.env): FerryDefaul
     threads: env.FERRY_THREADS || "0",
     executorId: env.FERRY_EXECUTOR_ID || undefined,
     heartbeatMs: env.FERRY_HEARTBEAT_MS || "1000",
+    metricsPort: env.FERRY_METRICS_PORT || undefined,
+    metricsHost: env.FERRY_METRICS_HOST || "127.0.0.1",
+    httpPort: env.FERRY_HTTP_PORT || undefined,
+    httpHost: env.FERRY_HTTP_HOST || "127.0.0.1",
+    stepSpans: env.FERRY_STEP_SPANS !== "0",
   };
 }
 
@@ -52,4 +74,10 @@ export function parseIntegerFlag(flag: string, text: string, min: number, max: n
   const value = parseNumberFlag(flag, text, min, max);
   if (!Number.isInteger(value)) throw new Error(`${flag} must be a whole number (got '${text}')`);
   return value;
+}
+
+/** Parses an optional port flag (0 = any free port); unset stays unset. */
+export function parsePortFlag(flag: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  return parseIntegerFlag(flag, text, 0, 65_535);
 }

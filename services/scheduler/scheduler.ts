@@ -16,8 +16,9 @@ import {
   type Plan as PlanMessage,
 } from "../../gen/ferry/v1/scheduler";
 import { modelProfileFromFile } from "../../lib/model/segments";
-import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
+import { ferryTracer, traceparentOf } from "../../lib/telemetry/api";
 import { Job, type ResolvedJobSpec } from "./jobs";
+import { SchedulerMetrics } from "./schedulerMetrics";
 import { deviceProfileOf, planToMessage } from "./planProto";
 import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
 import { KNOWN_POLICIES, planJob } from "../../lib/planner/planJob";
@@ -117,6 +118,7 @@ export class Scheduler {
   private readonly heartbeatMissLimit: number;
   private readonly log: (line: string) => void;
   private readonly monitor: NodeJS.Timeout;
+  private readonly metrics: SchedulerMetrics;
   private draining = false;
 
   constructor(options: SchedulerOptions = {}) {
@@ -125,6 +127,10 @@ export class Scheduler {
     this.log = options.log ?? ((line) => console.error(line));
     this.monitor = setInterval(() => this.reapSilentExecutors(), this.heartbeatIntervalMs);
     this.monitor.unref();
+    this.metrics = new SchedulerMetrics({
+      jobs: () => this.listJobs(),
+      executorIds: () => [...this.executors.keys()],
+    });
   }
 
   // ---- executors ----
@@ -254,6 +260,11 @@ export class Scheduler {
   }
 
   // ---- jobs ----
+
+  /** Every job the scheduler holds (queued, running, finished), oldest first. */
+  listJobs(): Job[] {
+    return [...this.jobs.values()];
+  }
 
   /** Validates a spec and fills in the defaults. */
   resolveSpec(spec: JobSpec | undefined): ResolvedJobSpec {
@@ -460,6 +471,7 @@ export class Scheduler {
 
   private completeJob(job: Job, result: JobResult): void {
     if (!job.finish(result)) return;
+    this.metrics.jobFinished(job);
     const span = job.span;
     span.setAttribute("ferry.job.state", JobState[result.state] ?? String(result.state));
     if (result.state === JobState.JOB_STATE_SUCCEEDED) {
