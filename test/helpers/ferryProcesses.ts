@@ -115,7 +115,7 @@ export async function startExecutor(
   env: NodeJS.ProcessEnv = {},
 ): Promise<{ process: FerryProcess; metricsUrl?: string }> {
   const executor = startFerry(
-    ["executor", "--scheduler", address, "--id", id, "--vram", "512MiB", ...extraArgs],
+    ["executor", "--scheduler", address, "--id", id, "--vram", "2GiB", ...extraArgs],
     env,
   );
   const metrics = extraArgs.includes("--metrics-port")
