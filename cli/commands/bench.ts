@@ -24,6 +24,7 @@ import {
 } from "../../bench/plan";
 import { registerBenchExecutor } from "../../bench/executor";
 import { registerBenchLoad } from "../../bench/load";
+import { registerBenchTracing } from "../../bench/tracing";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
@@ -135,6 +136,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
     });
   registerBenchExecutor(bench);
   registerBenchLoad(bench);
+  registerBenchTracing(bench);
   bench
     .command("profiles")
     .description("write the bench's model and device profiles as profile files")
