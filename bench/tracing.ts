@@ -15,6 +15,7 @@
  * per step, which also catches work done on the executor's main thread after the last step.
  * Goals (the issue's): `off` ≤ 1% over `no_spans`, every exporter ≤ 3%.
  */
+import type { ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -26,7 +27,13 @@ import { formatBytes } from "../lib/config/units";
 import { genModel } from "../lib/model/genModel";
 import { startOtlpReceiver } from "../lib/telemetry/otlpReceiver";
 import { readTraceFile } from "../lib/telemetry/traceReport";
-import { startCluster } from "../services/cluster/localCluster";
+import {
+  spawnExecutorProcess,
+  waitForExecutors,
+  type ExecutorSpec,
+} from "../services/cluster/localCluster";
+import { SchedulerClient } from "../lib/client/schedulerClient";
+import { startSchedulerServer } from "../services/scheduler/server";
 import type { NativeRunEvent, NativeStepReport } from "../services/executor/native/AddonTypes";
 import { StepSpanRecorder } from "../services/executor/stepSpans";
 import { setupTelemetry, shutdownTelemetry } from "../lib/telemetry/tracing";
@@ -86,6 +93,44 @@ export interface TracingBenchResult {
    */
   span_cpu_ms_per_step: Record<Exclude<TracingConfig, "no_spans">, number>;
   span_cpu_share_of_step: Record<Exclude<TracingConfig, "no_spans">, number>;
+}
+
+/**
+ * A scheduler and executor processes started one after another: five executors probing their
+ * compute rate at once on two cores take longer than the local cluster's start-up timeout.
+ */
+async function startBenchCluster(specs: ExecutorSpec[]) {
+  const logs: string[] = [];
+  const server = await startSchedulerServer({
+    listen: "127.0.0.1:0",
+    heartbeatIntervalMs: 500,
+    heartbeatMissLimit: 40,
+    log: (line) => logs.push(`${line}\n`),
+  });
+  const client = new SchedulerClient(server.address);
+  const executors: ChildProcess[] = [];
+  const stop = async () => {
+    client.close();
+    await Promise.all(
+      executors.map(async (child) => {
+        if (child.exitCode !== null || child.signalCode !== null) return;
+        const exited = new Promise((done) => child.once("exit", done));
+        child.kill("SIGTERM");
+        await exited;
+      }),
+    );
+    await server.close(1000);
+  };
+  try {
+    for (const spec of specs) {
+      executors.push(spawnExecutorProcess(server.address, spec, logs));
+      await waitForExecutors(client, executors.length, logs, 120_000);
+    }
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  return { client, stop };
 }
 
 /** A step report shaped like the bench job's: per segment, prepare, copy, compute. */
@@ -219,7 +264,7 @@ export async function runTracingBench(
       otlp_grpc: otlp("grpc", receiver.grpcEndpoint),
       otlp_http: otlp("http/protobuf", receiver.httpEndpoint),
     };
-    const cluster = await startCluster(
+    const cluster = await startBenchCluster(
       TRACING_CONFIGS.map((config) => ({
         id: config,
         vram: "2GiB",

@@ -237,6 +237,12 @@ const STAGES: { key: StageKey; label: string; hasRate: boolean }[] = [
   { key: "stall", label: "stall (waiting for a copy)", hasRate: false },
 ];
 
+/**
+ * Waits shorter than this are a thread handing over, not compute waiting for a copy; the stall
+ * row and the top stalls leave them out (step totals keep every microsecond).
+ */
+export const MIN_STALL_US = 10;
+
 export interface StageRow {
   stage: StageKey;
   label: string;
@@ -248,7 +254,7 @@ export interface StageRow {
   total_s: number;
   /** Weight bytes the calls moved (0 for compute and stall, which move none). */
   bytes: number;
-  /** bytes / total time, GB/s (10^9 B/s); null where no bytes move or no time passed. */
+  /** bytes / total time, GB/s (10^9 B/s); null where no bytes move or under 0.1 ms passed. */
   gbps: number | null;
 }
 
@@ -329,7 +335,7 @@ function groupReport(group: GroupKey, label: string, part: Part): ReportGroup {
       const sample = samples.get(stageOf(slice.kind, slice.cold, slice.source))!;
       sample.seconds.push((slice.endUs - slice.startUs) / 1e6);
       if (slice.kind !== "compute") sample.bytes += slice.bytes;
-      if (slice.kind === "compute" && slice.stallUs > 0) {
+      if (slice.kind === "compute" && slice.stallUs >= MIN_STALL_US) {
         samples.get("stall")!.seconds.push(slice.stallUs / 1e6);
       }
     }
@@ -356,7 +362,8 @@ function groupReport(group: GroupKey, label: string, part: Part): ReportGroup {
         max_s: seconds.at(-1) ?? null,
         total_s: total,
         bytes: hasRate ? bytes : 0,
-        gbps: hasRate && bytes > 0 && total > 0 ? bytes / total / 1e9 : null,
+        // Under 0.1 ms in all is too short to time (a host-cache hit hands a pointer over).
+        gbps: hasRate && bytes > 0 && total >= 1e-4 ? bytes / total / 1e9 : null,
       };
     }),
   };
@@ -422,7 +429,7 @@ export function traceReport(jobs: readonly TimelineJob[], top = 5): TraceReport 
       if (slice.kind === "compute") bytes.set(key, slice.bytes);
     }
     for (const slice of job.slices) {
-      if (slice.kind !== "compute" || slice.stallUs <= 0) continue;
+      if (slice.kind !== "compute" || slice.stallUs < MIN_STALL_US) continue;
       const id = `${job.jobId}/${slice.segment}`;
       const entry = stalls.get(id) ?? {
         job_id: job.jobId,

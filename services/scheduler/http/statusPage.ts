@@ -26,6 +26,12 @@ const PICTURED_JOBS = 8;
 const PICTURED_STEPS = 12;
 const LISTED_JOBS = 200;
 
+const plural = (n: number, noun: string) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+
+/** A compute rate in the unit that reads best: a CPU device runs at GFLOP/s, a GPU at TFLOP/s. */
+const flops = (tflops: number) =>
+  tflops >= 1 ? `${tflops.toFixed(1)} TFLOP/s` : `${(tflops * 1000).toFixed(1)} GFLOP/s`;
+
 function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -64,7 +70,7 @@ function executorsTable(snapshot: StatusSnapshot): string {
       `<td>${escapeHtml(executor.device)} <span class="muted">${escapeHtml(executor.kind)}</span></td>` +
       `<td><span class="bar"><span style="width:${share.toFixed(1)}%"></span></span>` +
       `${formatBytes(used)} of ${formatBytes(executor.total_bytes)} in use</td>` +
-      `<td class="n">${executor.h2d_gbps.toFixed(2)} GB/s<br><span class="muted">${executor.tflops.toFixed(3)} TFLOP/s</span></td>` +
+      `<td class="n">${executor.h2d_gbps.toFixed(2)} GB/s<br><span class="muted">${flops(executor.tflops)}</span></td>` +
       `<td>${models}</td>` +
       `<td>${executor.running_job ? escapeHtml(executor.running_job) : `<span class="muted">idle</span>`}` +
       `${executor.queued_jobs ? `<br><span class="muted">${executor.queued_jobs} queued</span>` : ""}</td>` +
@@ -86,8 +92,8 @@ function jobRow(job: JobStatus): string {
     `<td>${escapeHtml(job.policy)}</td><td>${escapeHtml(job.executor)}</td>` +
     `<td class="n">${job.steps_done}/${job.steps}</td>` +
     `<td class="n">${formatSeconds(job.total_s)}</td>` +
-    `<td>${plan.segments} segments, ${formatBytes(plan.resident_bytes)} resident, ` +
-    `${formatBytes(plan.streamed_bytes_per_step)}/step streamed, ${plan.slots} slots</td>` +
+    `<td>${plural(plan.segments, "segment")}, ${formatBytes(plan.resident_bytes)} resident, ` +
+    `${formatBytes(plan.streamed_bytes_per_step)}/step streamed, ${plural(plan.slots, "slot")}</td>` +
     `<td>${job.error ? escapeHtml(job.error) : job.checksum ? `<span class="muted">${job.checksum.slice(0, 12)}…</span>` : ""}</td></tr>`
   );
 }

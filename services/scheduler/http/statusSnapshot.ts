@@ -113,8 +113,11 @@ export function statusSnapshot(scheduler: Scheduler, now = Date.now()): StatusSn
       queued_jobs: mine.filter((job) => job.state === JobState.JOB_STATE_QUEUED).length,
       models: models.map((path) => {
         const ran = mine.filter((job) => job.spec.modelPath === path);
-        // The latest job's plan is what the device holds for the model now.
-        const latest = ran.at(-1);
+        // What the device holds for the model now: the running job's plan, else the last one
+        // that ran to the end (a queued job's plan holds nothing yet).
+        const latest =
+          ran.find((job) => job.state === JobState.JOB_STATE_RUNNING) ??
+          ran.filter((job) => job.state === JobState.JOB_STATE_SUCCEEDED).at(-1);
         return {
           path,
           name: basename(path),
