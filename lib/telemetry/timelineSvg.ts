@@ -129,19 +129,29 @@ export function timelineSvg(
     );
     y += 24;
   }
-  // Legend: what each colour is, plus the step boundary mark.
+  // Legend: what each colour is, plus the step boundary mark; it wraps on narrow pictures.
   let legendX = PAD;
+  const place = (itemWidth: number) => {
+    if (legendX > PAD && legendX + itemWidth > width - PAD) {
+      legendX = PAD;
+      y += 18;
+    }
+    const x = legendX;
+    legendX += itemWidth + 14;
+    return x;
+  };
   const hasReads = jobs.some((job) => job.slices.some((slice) => slice.kind === "read"));
   for (const [key, { color, label }] of Object.entries(TIMELINE_COLORS)) {
     if (key === "read" && !hasReads) continue;
-    out.push(`<rect x="${legendX}" y="${y + 2}" width="12" height="12" fill="${color}"/>`);
-    out.push(`<text x="${legendX + 16}" y="${y + 12}" font-size="11">${escapeXml(label)}</text>`);
-    legendX += 16 + label.length * 6.3 + 14;
+    const x = place(16 + label.length * 6.3);
+    out.push(`<rect x="${fixed(x)}" y="${y + 2}" width="12" height="12" fill="${color}"/>`);
+    out.push(`<text x="${fixed(x + 16)}" y="${y + 12}" font-size="11">${escapeXml(label)}</text>`);
   }
+  const markX = place(70);
   out.push(
-    `<line x1="${fixed(legendX)}" y1="${y + 1}" x2="${fixed(legendX)}" y2="${y + 15}" stroke="#555" stroke-dasharray="3,2"/>`,
+    `<line x1="${fixed(markX)}" y1="${y + 1}" x2="${fixed(markX)}" y2="${y + 15}" stroke="#555" stroke-dasharray="3,2"/>`,
   );
-  out.push(`<text x="${fixed(legendX + 5)}" y="${y + 12}" font-size="11">step start</text>`);
+  out.push(`<text x="${fixed(markX + 5)}" y="${y + 12}" font-size="11">step start</text>`);
   y += 24;
 
   if (jobs.length === 0) {
@@ -215,7 +225,7 @@ export function timelineSvg(
         `<line x1="${fixed(tx)}" y1="${axisY}" x2="${fixed(tx)}" y2="${axisY + 4}" stroke="#888"/>`,
       );
       out.push(
-        `<text x="${fixed(tx)}" y="${axisY + 14}" font-size="10" text-anchor="middle" fill="#444">${tickLabel(t, step)}</text>`,
+        `<text x="${fixed(tx)}" y="${axisY + 14}" font-size="10" text-anchor="${tx > width - PAD - 24 ? "end" : "middle"}" fill="#444">${tickLabel(t, step)}</text>`,
       );
     }
     y = axisY + 18 + 14;

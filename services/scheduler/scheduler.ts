@@ -29,6 +29,11 @@ export const DEFAULT_TOKENS = 64;
 const MAX_STEPS = 1_000_000;
 /** Steps of measurements kept per executor for calibration. */
 const CALIBRATION_WINDOW_STEPS = 64;
+/**
+ * Steps whose events a job keeps: the status page draws a job's first steps, and keeping every
+ * step's events would grow the scheduler's memory with the length of a job.
+ */
+const TIMELINE_STEPS_KEPT = 16;
 
 type ExecutorStream = ServerDuplexStream<ConnectRequest, ConnectResponse>;
 
@@ -423,6 +428,9 @@ export class Scheduler {
     if (!job || job.executorId !== executor.id) return;
     if (body.$case === "progress") {
       if (body.value.stats) executor.recordStep(body.value.stats, job.segmentFlops);
+      if (body.value.stats && body.value.stats.step > TIMELINE_STEPS_KEPT) {
+        body.value.stats.events = [];
+      }
       job.addProgress(body.value);
       return;
     }

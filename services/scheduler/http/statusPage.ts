@@ -20,7 +20,7 @@ export interface StatusPage {
   close(): Promise<void>;
 }
 
-/** Finished jobs whose timeline pictures the page draws (newest first); older ones get a link. */
+/** Finished jobs whose timeline pictures the page draws (newest first); the table links all. */
 const PICTURED_JOBS = 8;
 /** Steps drawn per job picture: enough to see the cold step and the steady state. */
 const PICTURED_STEPS = 12;
@@ -86,7 +86,12 @@ function executorsTable(snapshot: StatusSnapshot): string {
 function jobRow(job: JobStatus): string {
   const plan = job.plan;
   return (
-    `<tr data-job="${escapeHtml(job.id)}" data-state="${job.state}"><td>${escapeHtml(job.id)}</td>` +
+    `<tr data-job="${escapeHtml(job.id)}" data-state="${job.state}"><td>` +
+    // Every job with steps has its timeline a click away, pictured below or not.
+    (job.steps_done > 0
+      ? `<a href="jobs/${encodeURIComponent(job.id)}/timeline.svg">${escapeHtml(job.id)}</a>`
+      : escapeHtml(job.id)) +
+    `</td>` +
     `<td class="state ${job.state}">${job.state}</td>` +
     `<td title="${escapeHtml(job.model)}">${escapeHtml(job.model_name)}</td>` +
     `<td>${escapeHtml(job.policy)}</td><td>${escapeHtml(job.executor)}</td>` +
