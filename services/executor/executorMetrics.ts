@@ -76,9 +76,14 @@ export class ExecutorMetrics {
         unit: "By",
       })
       .addCallback((result) => {
-        const { totalBytes, freeBytes } = this.source.memory();
-        result.observe(totalBytes, { executor, state: "total" });
-        result.observe(freeBytes, { executor, state: "free" });
+        let memory;
+        try {
+          memory = this.source.memory();
+        } catch {
+          return; // the device is gone (the executor is stopping): nothing to report
+        }
+        result.observe(memory.totalBytes, { executor, state: "total" });
+        result.observe(memory.freeBytes, { executor, state: "free" });
       });
   }
 
