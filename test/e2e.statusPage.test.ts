@@ -55,7 +55,7 @@ describe.skipIf(skip)("the status page in a real browser", () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-status-"));
     modelPath = join(dir, "tiny.safetensors");
     await genModel(modelPath, { blocks: 3, hidden: 64, heads: 4, channels: 8, seed: 7 });
-    cluster = await startCluster([{ id: "status-gpu0", vram: "2GiB" }]);
+    cluster = await startCluster([{ id: "status-gpu0", vram: "2GiB", threads: 1 }]);
     page = await startStatusPage(cluster.server.scheduler, { port: 0 });
     const done = await cluster.client.runJob(spec());
     finishedJob = done.jobId;

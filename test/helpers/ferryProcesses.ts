@@ -114,8 +114,21 @@ export async function startExecutor(
   extraArgs: string[] = [],
   env: NodeJS.ProcessEnv = {},
 ): Promise<{ process: FerryProcess; metricsUrl?: string }> {
+  // One kernel thread: these tests check behaviour, not speed, and the other test worker (on a
+  // 2-core machine) keeps a core.
   const executor = startFerry(
-    ["executor", "--scheduler", address, "--id", id, "--vram", "2GiB", ...extraArgs],
+    [
+      "executor",
+      "--scheduler",
+      address,
+      "--id",
+      id,
+      "--vram",
+      "2GiB",
+      "--threads",
+      "1",
+      ...extraArgs,
+    ],
     env,
   );
   const metrics = extraArgs.includes("--metrics-port")
