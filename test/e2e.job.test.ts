@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,7 +8,7 @@ import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { runReference } from "../lib/model/reference";
 import { QUANTIZED_TOLERANCE } from "./referenceTolerance";
-import { readTraceFile, stepReports } from "../lib/telemetry/traceReport";
+import { readTraceFile, stepReports, type TraceSpan } from "../lib/telemetry/traceReport";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
 
 // A real scheduler (port 0), a real executor process, a real model file: the whole path.
@@ -192,18 +192,36 @@ describe("a job end to end", () => {
     expect(result.state).toBe(JobState.JOB_STATE_SUCCEEDED);
     const streamed = submitted.plan!.segments.filter((s) => !s.resident).length;
     expect(streamed).toBe(5);
-    // Spans are exported as each ends; the last step's may trail the result by a moment.
-    let spans: { name: string; attributes: { key: string; value: Record<string, unknown> }[] }[] =
-      [];
+    // Spans are exported in batches; this job's may trail its result by a moment, and an
+    // earlier job's last batch may land in the fresh file: keep this job's spans only.
+    const ofJob = (all: TraceSpan[]) => {
+      const mine = new Set(
+        all
+          .filter(
+            (s) => s.name === "ferry.step" && s.attributes["ferry.job.id"] === submitted.jobId,
+          )
+          .map((s) => s.spanId),
+      );
+      for (let grew = true; grew;) {
+        grew = false;
+        for (const s of all) {
+          if (!mine.has(s.spanId) && mine.has(s.parentSpanId)) {
+            mine.add(s.spanId);
+            grew = true;
+          }
+        }
+      }
+      return all.filter((s) => mine.has(s.spanId));
+    };
+    let spans: TraceSpan[] = [];
     for (let attempt = 0; attempt < 50; attempt++) {
-      const text = await readFile(traceFile, "utf8").catch(() => "");
-      spans = text
-        .split("\n")
-        .filter(Boolean)
-        .flatMap((line) => JSON.parse(line).resourceSpans)
-        .flatMap((resource: { scopeSpans: { spans: never[] }[] }) => resource.scopeSpans)
-        .flatMap((scope: { spans: never[] }) => scope.spans);
-      if (spans.filter((s) => s.name === "ferry.step").length >= 2) break;
+      const { spans: parsed, badLines } = await readTraceFile(traceFile).catch(() => ({
+        spans: [] as TraceSpan[],
+        badLines: [] as number[],
+      }));
+      expect(badLines).toEqual([]);
+      spans = ofJob(parsed);
+      if (spans.filter((s) => s.name === "ferry.compute").length >= 2 * streamed) break;
       await new Promise((done) => setTimeout(done, 100));
     }
     const named = (name: string) => spans.filter((s) => s.name === name);
@@ -212,19 +230,14 @@ describe("a job end to end", () => {
     expect(named("ferry.h2d")).toHaveLength(2 * streamed);
     expect(named("ferry.compute")).toHaveLength(2 * streamed);
     // `ferry trace report` reads the same file back into a per-step breakdown.
-    const { spans: parsed, badLines } = await readTraceFile(traceFile);
-    expect(badLines).toEqual([]);
-    const report = stepReports(parsed);
+    const report = stepReports(spans);
     expect(report.map((step) => step.step)).toEqual([1, 2]);
     for (const step of report) {
       expect(step.jobId).toBe(submitted.jobId);
       expect(step.segments.map((segment) => segment.index)).toEqual([0, 1, 2, 3, 4]);
       expect(step.h2dBytes).toBe(submitted.plan!.streamedBytesPerStep);
     }
-    const bytes = named("ferry.h2d").map((s) => {
-      const value = s.attributes.find((a) => a.key === "ferry.bytes")?.value;
-      return value?.intValue ?? value?.doubleValue ?? 0;
-    });
-    expect(bytes.every((b) => Number(b) > 0)).toBe(true);
+    const bytes = named("ferry.h2d").map((s) => Number(s.attributes["ferry.bytes"] ?? 0));
+    expect(bytes.every((b) => b > 0)).toBe(true);
   }, 60_000);
 });

@@ -196,6 +196,9 @@ describe("jobs", () => {
       arenaPeakBytes: 0,
       segments: [],
       stallSeconds: 0,
+      startUs: 0,
+      endUs: 0,
+      events: [],
     });
     const steps = Array.from({ length: 5000 }, (_, i) => stats(i + 1));
     gpu.succeed(run.jobId, { steps });

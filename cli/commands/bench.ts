@@ -27,6 +27,7 @@ import {
 import { registerBenchExecutor } from "../../bench/executor";
 import { registerBenchLoad } from "../../bench/load";
 import { registerBenchScheduler } from "../../bench/scheduler";
+import { registerBenchTracing } from "../../bench/tracing";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
 import { profileFiles } from "../../bench/profiles";
 
@@ -139,6 +140,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
   registerBenchExecutor(bench);
   registerBenchLoad(bench);
   registerBenchScheduler(bench);
+  registerBenchTracing(bench);
   bench
     .command("profiles")
     .description("write the bench's model and device profiles as profile files")

@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 import { ferryDefaults, resolveExecutorConfig, type ExecutorFlags } from "../../lib/config/config";
-import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
+import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import { loadToken } from "../../lib/wire/credentials";
 import { Executor } from "../../services/executor/executor";
 import { action, onShutdownSignal } from "../action";
@@ -26,12 +26,21 @@ export function register(program: Command): void {
       "default for jobs: cpu (weights kept in host memory) or disk (read when needed, released after use)",
       "cpu",
     )
-    .option("--load <mode>", "default for jobs: lazy, eager or background", "background");
+    .option("--load <mode>", "default for jobs: lazy, eager or background", "background")
+    .option(
+      "--metrics-port <port>",
+      "serve Prometheus metrics at /metrics on this port; 0 = any free port (FERRY_METRICS_PORT)",
+      defaults.metricsPort,
+    )
+    .option(
+      "--metrics-host <host>",
+      "address the metrics endpoint listens on (FERRY_METRICS_HOST)",
+      defaults.metricsHost,
+    );
   addConnectionOptions(command).action(
     action("executor", async (flags: ExecutorFlags) => {
       const config = resolveExecutorConfig(flags);
       const token = loadToken(config.tokenFile);
-      setupTracing("ferry-executor");
       const executor = new Executor({
         scheduler: config.scheduler,
         device: config.device,
@@ -43,14 +52,31 @@ export function register(program: Command): void {
         id: config.id,
         token,
         tls: config.tls,
+        stepSpans: defaults.stepSpans,
       });
+      // After the device exists (its name is a resource attribute), before any job runs.
+      const device = executor.deviceInfo();
+      const telemetry = await setupTelemetry({
+        serviceName: "ferry-executor",
+        attributes: {
+          "service.instance.id": executor.id,
+          "ferry.executor.id": executor.id,
+          "ferry.device.name": device.name,
+          "ferry.device.kind": device.kind,
+        },
+        metricsPort: config.metricsPort,
+        metricsHost: config.metricsHost,
+      });
+      if (telemetry.metricsUrl) {
+        process.stderr.write(`ferry executor ${executor.id}: metrics on ${telemetry.metricsUrl}\n`);
+      }
       await executor.start();
       process.stderr.write(
         `ferry executor ${executor.id}: ${executor.deviceInfo().name}, connecting to ${config.scheduler}\n`,
       );
       onShutdownSignal(async () => {
         await executor.stop();
-        await shutdownTracing();
+        await shutdownTelemetry();
       });
     }),
   );

@@ -1,6 +1,7 @@
 import { existsSync } from "node:fs";
 import { rename, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
+import { context, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
 import type { Command } from "commander";
 import type { JobProgress, JobResult, Plan } from "../../gen/ferry/v1/scheduler";
 import {
@@ -10,6 +11,8 @@ import {
   type ClientFlags,
 } from "../../lib/config/config";
 import { formatBytes } from "../../lib/config/units";
+import { ferryTracer } from "../../lib/telemetry/api";
+import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { planToJson } from "../../lib/planner/planJson";
 import { action } from "../action";
@@ -103,12 +106,19 @@ export function register(program: Command): void {
     );
   addConnectionOptions(command).action(
     action("run", async (flags: RunFlags) => {
+      // The client's span is the root of the job's one trace: scheduler and executor spans join
+      // it through the traceparent the client sends.
+      await setupTelemetry({ serviceName: "ferry-client" });
       const client = clientFromFlags(flags);
+      // A file here is sent as its absolute path (the scheduler shares the filesystem); anything
+      // else is a repository name (or a path relative to a model directory).
+      const model = existsSync(flags.model) ? resolve(flags.model) : flags.model;
+      const span = ferryTracer().startSpan("ferry.run", {
+        kind: SpanKind.CLIENT,
+        attributes: { "ferry.model": model, "ferry.policy": flags.policy },
+      });
       try {
         await client.ready();
-        // A file here is sent as its absolute path (the scheduler shares the filesystem);
-        // anything else is a repository name (or a path relative to a model directory).
-        const model = existsSync(flags.model) ? resolve(flags.model) : flags.model;
         const spec = {
           modelPath: model,
           steps: parseIntegerFlag("--steps", flags.steps, 1, 1_000_000),
@@ -126,21 +136,24 @@ export function register(program: Command): void {
           load: flags.load ?? "",
           verify: flags.verify ?? false,
         };
-        const result = await client.runJob(
-          spec,
-          (progress) => process.stderr.write(`${formatStep(progress)}\n`),
-          (response) => {
-            const plan = response.plan;
-            process.stderr.write(
-              `job ${response.jobId} ${response.executorId ? `on ${response.executorId}` : "queued"}: ${plan?.policy} plan, ` +
-                `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
-                `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
-            );
-          },
-          {
-            priority: parsePriorityFlag(flags.priority),
-            idempotencyKey: flags.idempotencyKey ?? "",
-          },
+        const result = await context.with(trace.setSpan(context.active(), span), () =>
+          client.runJob(
+            spec,
+            (progress) => process.stderr.write(`${formatStep(progress)}\n`),
+            (response) => {
+              span.setAttribute("ferry.job.id", response.jobId);
+              const plan = response.plan;
+              process.stderr.write(
+                `job ${response.jobId} ${response.executorId ? `on ${response.executorId}` : "queued"}: ${plan?.policy} plan, ` +
+                  `${plan?.segments.length} segments, ${formatBytes(plan?.residentBytes ?? 0)} resident, ` +
+                  `${formatBytes(plan?.streamedBytesPerStep ?? 0)} streamed per step\n`,
+              );
+            },
+            {
+              priority: parsePriorityFlag(flags.priority),
+              idempotencyKey: flags.idempotencyKey ?? "",
+            },
+          ),
         );
         if (flags.output) {
           // Write beside the target, then rename: a reader never sees half a tensor.
@@ -160,8 +173,14 @@ export function register(program: Command): void {
               `total     ${result.totalSeconds.toFixed(3)} s\n`,
           );
         }
+      } catch (error) {
+        span.recordException(error as Error);
+        span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+        throw error;
       } finally {
+        span.end();
         client.close();
+        await shutdownTelemetry();
       }
     }),
   );

@@ -1,7 +1,8 @@
 import type { Command } from "commander";
 import { ferryDefaults, resolveServeConfig, type ServeFlags } from "../../lib/config/config";
-import { setupTracing, shutdownTracing } from "../../lib/telemetry/tracing";
+import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import { loadToken } from "../../lib/wire/credentials";
+import { startStatusPage } from "../../services/scheduler/http/statusPage";
 import { startSchedulerServer } from "../../services/scheduler/server";
 import { action, onShutdownSignal } from "../action";
 
@@ -63,11 +64,35 @@ export function register(program: Command): void {
       "require executors to present a client certificate signed by this CA (FERRY_TLS_CLIENT_CA)",
       defaults.tlsClientCa,
     )
+    .option(
+      "--metrics-port <port>",
+      "serve Prometheus metrics at /metrics on this port; 0 = any free port (FERRY_METRICS_PORT)",
+      defaults.metricsPort,
+    )
+    .option(
+      "--metrics-host <host>",
+      "address the metrics endpoint listens on (FERRY_METRICS_HOST)",
+      defaults.metricsHost,
+    )
+    .option(
+      "--http-port <port>",
+      "serve the read-only status page on this port; 0 = any free port (FERRY_HTTP_PORT)",
+      defaults.httpPort,
+    )
+    .option(
+      "--http-host <host>",
+      "address the status page listens on (FERRY_HTTP_HOST)",
+      defaults.httpHost,
+    )
     .action(
       action("serve", async (flags: ServeFlags) => {
         const config = resolveServeConfig(flags);
         const token = loadToken(config.tokenFile);
-        setupTracing("ferry-scheduler");
+        const telemetry = await setupTelemetry({
+          serviceName: "ferry-scheduler",
+          metricsPort: config.metricsPort,
+          metricsHost: config.metricsHost,
+        });
         const server = await startSchedulerServer({
           listen: config.listen,
           heartbeatIntervalMs: config.heartbeatMs,
@@ -90,9 +115,26 @@ export function register(program: Command): void {
             `ferry scheduler: warning: listening beyond loopback without ${config.tls ? "" : "TLS"}${!config.tls && !token ? " and " : ""}${token ? "" : "a token"}\n`,
           );
         }
+        if (telemetry.metricsUrl) {
+          process.stderr.write(`ferry scheduler metrics on ${telemetry.metricsUrl}\n`);
+        }
+        const page =
+          config.httpPort === undefined
+            ? undefined
+            : await startStatusPage(server.scheduler, {
+                host: config.httpHost,
+                port: config.httpPort,
+              }).catch(async (error: unknown) => {
+                // Without its page the process would serve half of what was asked: stop.
+                await server.close(0);
+                await shutdownTelemetry();
+                throw error;
+              });
+        if (page) process.stderr.write(`ferry scheduler status page on ${page.url}\n`);
         onShutdownSignal(async () => {
+          await page?.close();
           await server.close(config.drainGraceMs);
-          await shutdownTracing();
+          await shutdownTelemetry();
         });
       }),
     );

@@ -24,10 +24,21 @@
  * | executors' client CA    | --tls-client-ca   | FERRY_TLS_CLIENT_CA    | none: no client certificates    |
  * | scheduler's CA (client) | --tls-ca          | FERRY_TLS_CA           | system roots (with --tls-*)     |
  * | trace file              | (none)            | FERRY_TRACE_FILE       | unset (no file)                 |
+ * | metrics port            | --metrics-port    | FERRY_METRICS_PORT     | unset (none)                    |
+ * | metrics address         | --metrics-host    | FERRY_METRICS_HOST     | 127.0.0.1                       |
+ * | status page port        | --http-port       | FERRY_HTTP_PORT        | unset (none)                    |
+ * | status page address     | --http-host       | FERRY_HTTP_HOST        | 127.0.0.1                       |
+ * | step spans              | (none)            | FERRY_STEP_SPANS       | 1 (0: bench only)               |
  *
  * Each command's `resolve…Config` turns its flags (as commander parsed them, strings) into a
  * typed, validated config without touching files, so a manifest's command line can be checked
  * anywhere (test/deploy.manifests.test.ts).
+ *
+ * `--metrics-port` (serve, executor) serves Prometheus metrics at /metrics; `--http-port`
+ * (serve) the read-only status page. Port 0 picks a free port (the process prints it). Both
+ * listen on loopback unless told otherwise. The standard `OTEL_*` variables (exporter, OTLP
+ * endpoint and protocol, service name, resource attributes, sampler) are read by
+ * lib/telemetry/tracing.ts.
  */
 import { homedir } from "node:os";
 import { join } from "node:path";
@@ -56,6 +67,12 @@ export interface FerryDefaults {
   tlsKey: string | undefined;
   tlsClientCa: string | undefined;
   tlsCa: string | undefined;
+  metricsPort: string | undefined;
+  metricsHost: string;
+  httpPort: string | undefined;
+  httpHost: string;
+  /** Whether executors build spans from step events (`ferry bench tracing` turns it off). */
+  stepSpans: boolean;
 }
 
 /** Where `ferry serve` keeps its job database when no --db or FERRY_DB says otherwise. */
@@ -86,6 +103,11 @@ export function ferryDefaults(env: NodeJS.ProcessEnv = process.env): FerryDefaul
     tlsKey: env.FERRY_TLS_KEY || undefined,
     tlsClientCa: env.FERRY_TLS_CLIENT_CA || undefined,
     tlsCa: env.FERRY_TLS_CA || undefined,
+    metricsPort: env.FERRY_METRICS_PORT || undefined,
+    metricsHost: env.FERRY_METRICS_HOST || "127.0.0.1",
+    httpPort: env.FERRY_HTTP_PORT || undefined,
+    httpHost: env.FERRY_HTTP_HOST || "127.0.0.1",
+    stepSpans: env.FERRY_STEP_SPANS !== "0",
   };
 }
 
@@ -161,6 +183,10 @@ export interface ServeFlags {
   tlsCert?: string;
   tlsKey?: string;
   tlsClientCa?: string;
+  metricsPort?: string;
+  metricsHost: string;
+  httpPort?: string;
+  httpHost: string;
 }
 
 export interface ServeConfig {
@@ -175,6 +201,12 @@ export interface ServeConfig {
   drainGraceMs: number;
   tokenFile: string | undefined;
   tls: ServerTlsFiles | undefined;
+  /** Prometheus metrics port (0 = any free one); undefined = no endpoint. */
+  metricsPort: number | undefined;
+  metricsHost: string;
+  /** Status page port (0 = any free one); undefined = no page. */
+  httpPort: number | undefined;
+  httpHost: string;
 }
 
 export function resolveServeConfig(flags: ServeFlags): ServeConfig {
@@ -199,6 +231,10 @@ export function resolveServeConfig(flags: ServeFlags): ServeConfig {
     tls: flags.tlsCert
       ? { certFile: flags.tlsCert, keyFile: flags.tlsKey!, clientCaFile: flags.tlsClientCa }
       : undefined,
+    metricsPort: parsePortFlag("--metrics-port", flags.metricsPort),
+    metricsHost: flags.metricsHost,
+    httpPort: parsePortFlag("--http-port", flags.httpPort),
+    httpHost: flags.httpHost,
   };
 }
 
@@ -238,6 +274,8 @@ export interface ExecutorFlags extends ClientFlags {
   id?: string;
   paramsBackend: string;
   load: string;
+  metricsPort?: string;
+  metricsHost: string;
 }
 
 export interface ExecutorConfig extends ClientConfig {
@@ -248,6 +286,8 @@ export interface ExecutorConfig extends ClientConfig {
   id: string | undefined;
   paramsBackend: "cpu" | "disk";
   load: "lazy" | "eager" | "background";
+  metricsPort: number | undefined;
+  metricsHost: string;
 }
 
 export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
@@ -277,10 +317,18 @@ export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
     id: flags.id,
     paramsBackend: flags.paramsBackend as "cpu" | "disk",
     load: flags.load as "lazy" | "eager" | "background",
+    metricsPort: parsePortFlag("--metrics-port", flags.metricsPort),
+    metricsHost: flags.metricsHost,
   };
 }
 
 /** Job priority and idempotency key flags of `ferry run`. */
 export function parsePriorityFlag(text: string): number {
   return parseIntegerFlag("--priority", text, -MAX_PRIORITY, MAX_PRIORITY);
+}
+
+/** Parses an optional port flag (0 = any free port); unset stays unset. */
+export function parsePortFlag(flag: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  return parseIntegerFlag(flag, text, 0, 65_535);
 }

@@ -16,7 +16,7 @@ import {
 } from "../../gen/ferry/v1/scheduler";
 import { openRegularFile } from "../../lib/model/openRegularFile";
 import { ferryVersion } from "../../lib/packageInfo";
-import { contextFromTraceparent } from "../../lib/telemetry/tracing";
+import { contextFromTraceparent } from "../../lib/telemetry/api";
 import {
   bearerInterceptor,
   channelCredentials,
@@ -35,8 +35,9 @@ import type {
   NativeStepReport,
 } from "../../lib/native/AddonTypes";
 import { executionOf } from "../../lib/planner/execution";
+import { ExecutorMetrics } from "./executorMetrics";
 import { probeCompute, type ComputeProbe } from "./probe";
-import { recordStepSpans } from "./stepSpans";
+import { StepSpanRecorder } from "./stepSpans";
 
 export interface ExecutorOptions {
   /** The scheduler's HOST:PORT. */
@@ -66,6 +67,11 @@ export interface ExecutorOptions {
   token?: string;
   /** TLS to the scheduler (a client certificate when it verifies executors). @default plaintext */
   tls?: ClientTlsFiles;
+  /**
+   * Build spans from each step's native events. Only `ferry bench tracing` turns this off, to
+   * measure what the span code costs against not having it. @default true
+   */
+  stepSpans?: boolean;
   log?: (line: string) => void;
 }
 
@@ -127,6 +133,7 @@ export class Executor {
   private current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } | undefined;
   private lifecycle: Lifecycle = "starting";
   private computeProbe: ComputeProbe | undefined;
+  private metrics: ExecutorMetrics | undefined;
   private registeredResolve: (() => void) | undefined;
   /** Resolves once the scheduler has acknowledged the first registration. */
   readonly registered: Promise<void>;
@@ -198,6 +205,12 @@ export class Executor {
   async start(): Promise<void> {
     if (this.lifecycle !== "starting") return;
     this.lifecycle = "running";
+    // Made here, not in the constructor: the process sets up its meter provider in between.
+    this.metrics = new ExecutorMetrics({
+      executorId: this.id,
+      memory: () => this.device.info(),
+      warmModels: () => [...this.warm.keys()],
+    });
     if (this.options.probe ?? true) {
       try {
         this.computeProbe = await probeCompute(this.addon, this.device);
@@ -421,7 +434,14 @@ export class Executor {
       cancelled: false,
     };
     this.current = current;
-    const parent = contextFromTraceparent(request.traceparent);
+    const spans =
+      this.options.stepSpans === false
+        ? undefined
+        : new StepSpanRecorder(contextFromTraceparent(request.traceparent), {
+            jobId,
+            policy: plan?.policy || spec?.policy || "",
+            device: this.device.info().name,
+          });
     const steps = new StepHistory();
     const started = performance.now();
     try {
@@ -438,6 +458,7 @@ export class Executor {
           { name: "InvalidArgumentError" },
         );
       }
+      this.metrics?.jobStarted(spec.modelPath, plan.residentBytes, plan.slots);
       const run = this.addon.startRun(
         this.device,
         model,
@@ -463,9 +484,11 @@ export class Executor {
           verify: spec.verify,
         },
         (report: NativeStepReport) => {
-          recordStepSpans(parent, jobId, report);
+          spans?.record(report);
+          this.metrics?.recordStep(report, plan.policy, plan.slots);
           const stats = stepStatsOf(report);
-          steps.push(stats);
+          // The result repeats every step's totals; the events went out with the progress.
+          steps.push({ ...stats, events: [] });
           this.send({
             $case: "jobUpdate",
             value: {
@@ -588,5 +611,19 @@ function stepStatsOf(report: NativeStepReport): StepStats {
     arenaPeakBytes: report.arenaPeakBytes,
     segments,
     stallSeconds: report.stallUs / 1e6,
+    // Native times carry fractions of a µs; the wire's int64 fields take whole ones.
+    startUs: Math.round(report.stepStartUs),
+    endUs: Math.round(report.stepEndUs),
+    // Every event, "read" included once the loader reports reads: timelines are drawn from these.
+    events: report.events.map((event) => ({
+      kind: event.kind,
+      segment: event.segment,
+      startUs: Math.round(event.startUs),
+      endUs: Math.round(event.endUs),
+      bytes: event.bytes,
+      source: event.source ?? "",
+      cold: event.cold ?? false,
+      stallUs: Math.round(event.stallUs ?? 0),
+    })),
   };
 }

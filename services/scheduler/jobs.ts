@@ -66,6 +66,11 @@ export class Job implements JobRow {
   cancelRequested = false;
   /** When the scheduler sent it to its executor (dispatch latency ends at `startedMs`). */
   dispatchedMs = 0;
+  /**
+   * Its first steps' stats with their events, kept after it finishes (in this process only):
+   * what the status page draws the job's timeline from.
+   */
+  readonly timeline: JobProgress["stats"][] = [];
 
   constructor(row: JobRow) {
     this.id = row.id;
@@ -105,13 +110,17 @@ export class Job implements JobRow {
     if (this.finished) return;
     this.recent.push(progress);
     if (this.recent.length > PROGRESS_HISTORY) this.recent.shift();
-    if (progress.stats) this.lastStep = progress.stats.step;
+    if (progress.stats) {
+      this.lastStep = progress.stats.step;
+      if (progress.stats.events.length > 0) this.timeline.push(progress.stats);
+    }
     this.events.emit("event", { event: { $case: "progress", value: progress } });
   }
 
   /** Back to the queue (its executor was lost): progress starts over. */
   resetProgress(): void {
     this.recent.length = 0;
+    this.timeline.length = 0;
     this.lastStep = 0;
   }
 

@@ -19,7 +19,7 @@ import {
 import { planJob } from "../../lib/planner/planJob";
 import { KNOWN_POLICIES } from "../../lib/planner/planJob";
 import type { PlanOptions, PolicyName } from "../../lib/planner/types";
-import { ferryTracer, traceparentOf } from "../../lib/telemetry/tracing";
+import { ferryTracer, traceparentOf } from "../../lib/telemetry/api";
 import {
   MAX_BATCH,
   MAX_DEVICE_BYTES,
@@ -36,6 +36,7 @@ import {
 } from "../../lib/wire/limits";
 import { checkDecoded } from "../../lib/wire/decoding";
 import { boundSteps } from "../../lib/wire/stepHistory";
+import { SchedulerMetrics } from "./schedulerMetrics";
 import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
 import {
   checkChoice,
@@ -57,6 +58,11 @@ export const DEFAULT_TOKENS = 64;
 const ESTIMATE_TTL_MS = 1000;
 /** Finished jobs are swept at most this often. */
 const SWEEP_INTERVAL_MS = 5000;
+/**
+ * Steps whose events a job keeps: the status page draws a job's first steps, and keeping every
+ * step's events would grow the scheduler's memory with the length of a job.
+ */
+const TIMELINE_STEPS_KEPT = 16;
 
 export interface SchedulerOptions {
   /** How often executors heartbeat. @default 1000 */
@@ -136,6 +142,7 @@ export class Scheduler {
   private seq: number;
   private passQueued = false;
   private lifecycle: "running" | "draining" | "stopped" = "running";
+  private readonly metrics: SchedulerMetrics;
 
   constructor(options: SchedulerOptions = {}) {
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? 1000;
@@ -147,6 +154,11 @@ export class Scheduler {
     this.store = options.store ?? new JobStore(":memory:");
     this.models = options.models;
     this.seq = this.store.maxSeq();
+    // Before restore(): a restored job may finish at once, and finishing counts in the metrics.
+    this.metrics = new SchedulerMetrics({
+      jobs: () => this.allJobs(),
+      executorIds: () => [...this.executors.keys()],
+    });
     this.restore();
     this.monitor = setInterval(() => this.tick(), Math.min(this.heartbeatIntervalMs, 1000));
     this.monitor.unref();
@@ -467,6 +479,11 @@ export class Scheduler {
   }
 
   // ---- jobs ----
+
+  /** Every job the scheduler holds (queued, running, finished), oldest first. */
+  allJobs(): Job[] {
+    return [...this.jobs.values()].sort((a, b) => a.seq - b.seq);
+  }
 
   /** Validates a spec's fields and fills in the defaults (the model is resolved separately). */
   resolveSpec(spec: JobSpec | undefined): ResolvedJobSpec {
@@ -962,6 +979,9 @@ export class Scheduler {
     }
     if (!job.startedMs) job.startedMs = Date.now();
     if (body.value.stats) entry.recordStep(body.value.stats, job.segmentFlops);
+    if (body.value.stats && body.value.stats.step > TIMELINE_STEPS_KEPT) {
+      body.value.stats.events = [];
+    }
     job.addProgress(body.value);
   }
 
@@ -1087,6 +1107,7 @@ export class Scheduler {
 
   private completeJob(job: Job, result: JobResult): void {
     if (!job.finish(result, Date.now())) return;
+    this.metrics.jobFinished(job);
     try {
       this.store.finish(job, result);
     } catch (error) {
