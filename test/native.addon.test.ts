@@ -188,6 +188,30 @@ describe("native addon", () => {
     })();
     expect(error?.name).toBe("InvalidArgumentError");
     expect(() => new addon.CpuDevice({ capacityBytes: -1 })).toThrow(/capacityBytes/);
+    expect(
+      () => new addon.CpuDevice({ capacityBytes: 1 << 20, commitMemory: "yes" as never }),
+    ).toThrow(/commitMemory must be a boolean/);
+  });
+
+  it("commits a device's memory at start-up when asked, and computes the same there", async () => {
+    const model = await addon.openModel(tinyPath);
+    const info = model.info();
+    const outputs: Float32Array[] = [];
+    for (const commitMemory of [false, true]) {
+      const device = new addon.CpuDevice({ capacityBytes: 8 << 20, commitMemory });
+      const result = await addon.startRun(device, model, {
+        batch: 1,
+        tokens: 4,
+        steps: 2,
+        seed: 3,
+        segments: makePlan(perBase(info, false)),
+      }).done;
+      outputs.push(result.output);
+      expect(device.stats().inUseBytes).toBe(0);
+      device.dispose();
+    }
+    expect(sameBytes(outputs[0]!, outputs[1]!)).toBe(true);
+    model.dispose();
   });
 
   it("opens a model and describes it", async () => {

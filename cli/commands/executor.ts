@@ -20,6 +20,10 @@ export function register(program: Command): void {
       defaults.linkGbps,
     )
     .option("--threads <n>", "kernel threads; 0 = one per core (FERRY_THREADS)", defaults.threads)
+    .option(
+      "--commit-memory",
+      "cpu device: commit all its memory at start-up, so the first job copies at link speed",
+    )
     .option("--id <id>", "executor id (FERRY_EXECUTOR_ID)", defaults.executorId)
     .option(
       "--params-backend <backend>",
@@ -49,6 +53,7 @@ export function register(program: Command): void {
         vramBytes: config.vramBytes,
         linkGbps: config.linkGbps,
         threads: config.threads,
+        commitMemory: config.commitMemory,
         id: config.id,
         token,
         tls: config.tls,

@@ -15,6 +15,7 @@ import { ferryTracer } from "../../lib/telemetry/api";
 import { setupTelemetry, shutdownTelemetry } from "../../lib/telemetry/tracing";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { planToJson } from "../../lib/planner/planJson";
+import { KNOWN_POLICIES } from "../../lib/planner/planJob";
 import { action } from "../action";
 import { addConnectionOptions, clientFromFlags } from "./connection";
 
@@ -91,7 +92,7 @@ export function register(program: Command): void {
       "--max-vram <gib>",
       "budget: GiB, 0 = no split, negative = free minus that many GiB (default: all free memory)",
     )
-    .option("--policy <name>", "planning policy: sdcpp", "sdcpp")
+    .option("--policy <name>", `planning policy: ${KNOWN_POLICIES.join(", ")}`, "sdcpp")
     .option("--no-stream", "keep every segment resident (fails if the model does not fit)")
     .option("--executor <id>", "run on this executor")
     .option("--params-backend <backend>", "cpu or disk (default: the executor's)")

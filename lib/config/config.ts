@@ -271,6 +271,7 @@ export interface ExecutorFlags extends ClientFlags {
   vram: string;
   linkGbps: string;
   threads: string;
+  commitMemory?: boolean;
   id?: string;
   paramsBackend: string;
   load: string;
@@ -283,6 +284,7 @@ export interface ExecutorConfig extends ClientConfig {
   vramBytes: number;
   linkGbps: number;
   threads: number;
+  commitMemory: boolean;
   id: string | undefined;
   paramsBackend: "cpu" | "disk";
   load: "lazy" | "eager" | "background";
@@ -314,6 +316,7 @@ export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
     vramBytes: parseBytes(flags.vram),
     linkGbps: parseNumberFlag("--link-gbps", flags.linkGbps, 0, 10_000),
     threads: parseIntegerFlag("--threads", flags.threads, 0, 1024),
+    commitMemory: flags.commitMemory === true,
     id: flags.id,
     paramsBackend: flags.paramsBackend as "cpu" | "disk",
     load: flags.load as "lazy" | "eager" | "background",

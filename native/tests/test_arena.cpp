@@ -3,11 +3,16 @@
 // allocations/in-use/peak, and refuses what does not fit with a message that says why; the device
 // wraps it as one ggml CPU buffer, places tensors inside it, and its copy stream copies in FIFO
 // order and signals events; the DiT's step driver updates the latent on the device.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <numeric>
 #include <thread>
+#include <vector>
 
 #include "ferry/arena.h"
 #include "ferry/cpu_device.h"
@@ -137,6 +142,31 @@ void large_lazy_capacity() {
   std::memset(p, 1, size_t{1} << 20);
   CHECK_EQ(arena.stats().committed_bytes, size_t{1} << 20);
   CHECK(arena.release(p));
+}
+
+// Pages of [p, p + bytes) the kernel has resident (mincore), of the whole pages in it.
+size_t resident_pages(const void* p, size_t bytes) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> in_core((bytes + page - 1) / page);
+  CHECK(mincore(const_cast<void*>(p), bytes, in_core.data()) == 0);
+  return static_cast<size_t>(
+      std::count_if(in_core.begin(), in_core.end(), [](unsigned char v) { return (v & 1) != 0; }));
+}
+
+// commit() makes every page of the region resident at once; before it, none is.
+void commit_makes_memory_resident() {
+  const size_t bytes = size_t{16} << 20;
+  const size_t pages = bytes / static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  Arena arena(bytes, "commit");
+  CHECK_EQ(resident_pages(arena.base(), arena.usable()), size_t{0});
+  CHECK(arena.commit() >= 0);
+  CHECK_EQ(resident_pages(arena.base(), arena.usable()), pages);
+  // A device made with commit_memory commits its arena in its constructor.
+  CpuDeviceOptions options;
+  options.capacity_bytes = bytes;
+  options.commit_memory = true;
+  CpuDevice device(options);
+  CHECK_EQ(resident_pages(ggml_backend_buffer_get_base(device.memory()), bytes), pages);
 }
 
 // An arena over memory the caller owns (a GPU's one allocation): pieces of it, never freed.
@@ -364,6 +394,7 @@ int main() {
       {"refuses_past_capacity", refuses_past_capacity},
       {"window_peak", window_peak},
       {"large_lazy_capacity", large_lazy_capacity},
+      {"commit_makes_memory_resident", commit_makes_memory_resident},
       {"external_memory", external_memory},
       {"device_buffers_and_copies", [] { device_buffers_and_copies(0); }},
       {"device_buffers_and_copies_paced_link", [] { device_buffers_and_copies(50); }},

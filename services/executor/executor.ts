@@ -53,6 +53,8 @@ export interface ExecutorOptions {
   linkGbps?: number;
   /** Kernel threads; 0 = one per core. @default 0 */
   threads?: number;
+  /** CPU device: commit all its memory at start-up (see CpuDeviceOptions). @default false */
+  commitMemory?: boolean;
   /** Executor id; defaults to host name + a random suffix. */
   id?: string;
   /** How many opened models (and their host params caches) to keep warm. @default 2 */
@@ -153,6 +155,7 @@ export class Executor {
         capacityBytes: options.vramBytes,
         linkGbps: options.linkGbps ?? 0,
         threads: options.threads ?? 0,
+        commitMemory: options.commitMemory ?? false,
       });
     }
     // The copy rate the planner starts from, measured on this device's own copy engine (the

@@ -18,6 +18,10 @@ struct CpuDeviceOptions {
   // ggml's threadpool polling between graphs (0..100): 0 sleeps at once, freeing the cores for
   // the copy and loader threads at the cost of a wake-up per graph.
   int poll = 0;
+  // Commit the whole arena at construction (Arena::commit) rather than on first touch: the
+  // executor process does, so its first job's copies run at link speed; tests and tools that make
+  // many short-lived devices do not.
+  bool commit_memory = false;
 };
 
 class CpuCopyStream;

@@ -23,6 +23,8 @@ CpuDeviceWrap::CpuDeviceWrap(const Napi::CallbackInfo& info)
   CpuDeviceOptions o;
   o.capacity_bytes = uint_field(options, "capacityBytes", where);
   o.link_gbps = number_field_or(options, "linkGbps", where, 0);
+  o.commit_memory =
+      has_field(options, "commitMemory") && bool_field(options, "commitMemory", where);
   const uint64_t threads = uint_field_or(options, "threads", where, 0);
   if (threads > 4096) throw_invalid_argument(env, where + ".threads must be at most 4096");
   o.threads = static_cast<unsigned>(threads);

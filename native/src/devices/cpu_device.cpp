@@ -235,6 +235,7 @@ CpuDevice::CpuDevice(const CpuDeviceOptions& options)
       link_gbps_(checked_link_gbps(options.link_gbps)),
       threads_(checked_threads(options.threads)) {
   auto arena = std::make_unique<Arena>(options.capacity_bytes, "cpu");
+  if (options.commit_memory) arena->commit();
   ggml_backend_t backend = ggml_backend_cpu_init();
   if (!backend) throw DeviceUnavailableError("cpu: ggml's CPU backend failed to initialise");
   // The arena's region is the device memory; ggml sees it as one CPU buffer.
