@@ -214,6 +214,58 @@ describe("native addon", () => {
     model.dispose();
   });
 
+  it("reports reads ahead of use as read events of step 1, and none when loading lazily", async () => {
+    const readsOf = async (load: "eager" | "background" | "lazy") => {
+      const model = await addon.openModel(tinyPath);
+      const info = model.info();
+      const device = new addon.CpuDevice({ capacityBytes: 8 << 20 });
+      const reports: NativeStepReport[] = [];
+      await addon.startRun(
+        device,
+        model,
+        {
+          batch: 1,
+          tokens: 4,
+          steps: 2,
+          seed: 5,
+          load,
+          paramsBackend: "cpu",
+          segments: makePlan([
+            [0, 1, false],
+            [2, info.baseSegments.length - 1, false],
+          ]),
+        },
+        (r) => reports.push(r),
+      ).done;
+      device.dispose();
+      model.dispose();
+      return { info, reports };
+    };
+
+    const eager = await readsOf("eager");
+    const paramBytes = eager.info.baseSegments.reduce((sum, s) => sum + s.paramBytes, 0);
+    const reads = eager.reports[0]!.events.filter((e) => e.kind === "read");
+    // Every base segment was read before step 1 asked for it: step 1 read nothing itself.
+    expect(reads).toHaveLength(eager.info.baseSegments.length);
+    expect(reads.reduce((sum, e) => sum + e.bytes, 0)).toBe(paramBytes);
+    expect(eager.reports[0]!.diskBytes).toBe(0);
+    for (const read of reads) {
+      expect(read).toMatchObject({ source: "disk", cold: true });
+      expect(read.endUs).toBeGreaterThanOrEqual(read.startUs);
+      expect(read.endUs).toBeLessThanOrEqual(eager.reports[0]!.stepStartUs + 1);
+    }
+    // Base segments 0 and 1 are merged segment 0; the rest merged segment 1.
+    expect(reads.map((e) => e.segment).sort()).toEqual(
+      eager.info.baseSegments.map((_, b) => (b <= 1 ? 0 : 1)).sort(),
+    );
+    expect(eager.reports[1]!.events.some((e) => e.kind === "read")).toBe(false);
+
+    // Lazily, step 1's prepare_params read everything itself (cold, from disk): no read events.
+    const lazy = await readsOf("lazy");
+    expect(lazy.reports.flatMap((r) => r.events).some((e) => e.kind === "read")).toBe(false);
+    expect(lazy.reports[0]!.diskBytes).toBe(paramBytes);
+  });
+
   it("opens a model and describes it", async () => {
     const model = await addon.openModel(tinyPath);
     const info = model.info();

@@ -244,7 +244,12 @@ export interface NativeRunRequest {
   verify?: boolean;
 }
 
-export type NativeEventKind = "segment" | "prepare_params" | "h2d" | "compute";
+/**
+ * "read": a base segment's weights read from the file ahead of use (eager or background loading)
+ * that no prepare_params waited for; reported with the step during which the read ended (step 1
+ * for reads before it), `segment` being the merged segment that holds the base segment.
+ */
+export type NativeEventKind = "segment" | "prepare_params" | "h2d" | "compute" | "read";
 export type NativeParamSource = "disk" | "host" | "resident";
 
 /** Something the run did, with wall-clock times (Unix epoch, microseconds). */

@@ -192,7 +192,19 @@ void background_order_and_priority_bump() {
   needs_three.join();
   CHECK(eventually([&] { return model->load_stats().segment_reads == 5; }));
   CHECK(model->load_stats().load_order == (std::vector<size_t>{3, 0, 1, 2, 4}));
+  // Reads ahead of use are reported for the trace; segment 3's is not (its prepare_params waited
+  // for it and shows that time itself).
+  const auto ahead = model->params_cache().take_ahead_reads();
+  CHECK_EQ(ahead.size(), size_t{4});
+  const std::vector<size_t> ahead_order = {0, 1, 2, 4};
+  for (size_t k = 0; k < ahead.size(); k++) {
+    CHECK_EQ(ahead[k].index, ahead_order[k]);
+    CHECK_EQ(ahead[k].bytes, model->base_segments()[ahead_order[k]].param_bytes);
+    CHECK(ahead[k].start_us > 0 && ahead[k].start_us <= ahead[k].end_us);
+  }
+  CHECK(model->params_cache().take_ahead_reads().empty());
   for (size_t i = 0; i < 5; i++) CHECK(matches_file(*model, i, model->prepare_params(i).data));
+  CHECK(model->params_cache().take_ahead_reads().empty());  // no read: all were cached
   CHECK_EQ(model->load_stats().hits, uint64_t{5});
 }
 

@@ -617,7 +617,7 @@ function stepStatsOf(report: NativeStepReport): StepStats {
     // Native times carry fractions of a µs; the wire's int64 fields take whole ones.
     startUs: Math.round(report.stepStartUs),
     endUs: Math.round(report.stepEndUs),
-    // Every event, "read" included once the loader reports reads: timelines are drawn from these.
+    // Every event, reads ahead of use included: timelines are drawn from these.
     events: report.events.map((event) => ({
       kind: event.kind,
       segment: event.segment,

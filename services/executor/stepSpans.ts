@@ -34,12 +34,9 @@ export function coveredUs(interval: Interval, cover: readonly Interval[]): numbe
   return total;
 }
 
-/**
- * A "read" event: weights read from disk ahead of use (`--load eager|background`). The native
- * loader does not report these yet; when it does, they become `ferry.read` spans.
- */
+/** A "read" event: weights read from disk ahead of use (`--load eager|background`). */
 function isRead(event: NativeRunEvent): boolean {
-  return (event.kind as string) === "read";
+  return event.kind === "read";
 }
 
 /**

@@ -7,7 +7,9 @@
 
 namespace ferry {
 
-enum class EventKind : uint8_t { kSegment, kPrepareParams, kH2D, kCompute };
+// kRead: a base segment's weights read from the file ahead of use (eager or background
+// loading), which no prepare_params waited for; reported with the step during which it ended.
+enum class EventKind : uint8_t { kSegment, kPrepareParams, kH2D, kCompute, kRead };
 // Where a segment's weights came from: read from the file ("disk"), the host params cache
 // ("host"), or already on the device ("resident").
 enum class ParamSource : uint8_t { kNone, kDisk, kHost, kResident };
@@ -18,7 +20,7 @@ const char* param_source_name(ParamSource source);  // nullptr for kNone
 
 struct RunEvent {
   EventKind kind = EventKind::kSegment;
-  int32_t segment = 0;  // index of the merged segment in the plan
+  int32_t segment = 0;  // index of the merged segment in the plan (kRead: that holds the base)
   double start_us = 0;
   double end_us = 0;
   uint64_t bytes = 0;

@@ -173,6 +173,17 @@ class ParamsCache {
   uint64_t take_host_peak();
   LoadStats stats() const;
 
+  // A segment read that finished without any prepare() waiting for it: a background prefetch's
+  // or load_all()'s, i.e. disk time spent ahead of use, which no prepare_params shows.
+  struct AheadRead {
+    size_t index = 0;
+    uint64_t bytes = 0;
+    double start_us = 0;  // wall clock (wall_clock_us()): the first worker took it up
+    double end_us = 0;
+  };
+  // The reads ahead that finished since the last call, oldest first (the last 4096 are kept).
+  std::vector<AheadRead> take_ahead_reads();
+
   void set_backend(Backend backend);
   Backend backend() const;
   // Disk backend: prefetched segments that no caller holds yet, at most (≥ 1). Default 1.
@@ -243,6 +254,7 @@ class ParamsCache {
   uint64_t host_bytes_ = 0;
   uint64_t host_peak_bytes_ = 0;
   LoadStats stats_;
+  std::deque<AheadRead> ahead_reads_;
   int busy_jobs_ = 0;
   double busy_since_ = 0;
 };

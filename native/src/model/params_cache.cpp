@@ -24,6 +24,7 @@
 
 #include "ferry/device.h"
 #include "ferry/errors.h"
+#include "ferry/events.h"
 #include "ferry/xxhash.h"
 
 namespace ferry {
@@ -167,6 +168,8 @@ struct ParamsCache::Job {
   size_t alloc_bytes = 0;
   uint64_t direct_bytes = 0;
   std::exception_ptr error;
+  bool awaited = false;    // a prepare() waits for it (its time shows as that prepare_params)
+  double started_us = 0;   // when the first worker took it up (wall clock)
   bool finishing = false;  // a worker is finishing it (checksum, handing the buffer over)
   bool finished = false;   // the entry is ready, or empty again after a failure
 };
@@ -366,6 +369,7 @@ void ParamsCache::worker_loop() {
       // The first worker to reach a job allocates its buffer (outside the lock: pinned memory
       // takes milliseconds) and zeroes what the pieces do not cover.
       job->allocating = true;
+      job->started_us = wall_clock_us();
       const ParamsSegmentLayout& layout = layouts_[job->index];
       if (options_.on_read_start) {
         lock.unlock();
@@ -596,6 +600,10 @@ void ParamsCache::finish_job_locked(std::unique_lock<std::mutex>& lock,
     stats_.segment_reads++;
     if (stats_.load_order.size() >= 4096) stats_.load_order.erase(stats_.load_order.begin());
     stats_.load_order.push_back(job->index);
+    if (!job->awaited) {
+      if (ahead_reads_.size() >= 4096) ahead_reads_.pop_front();
+      ahead_reads_.push_back({job->index, layout.param_bytes(), job->started_us, wall_clock_us()});
+    }
   }
   e.job.reset();
   job->finished = true;
@@ -636,6 +644,7 @@ ParamsCache::HostParams ParamsCache::prepare(size_t index) {
       job = e.job;
       bump_locked(job);
     }
+    job->awaited = true;
     waited = true;
     wait_job(lock, job);
     if (job->error) {
@@ -721,6 +730,13 @@ void ParamsCache::cancel_prefetch() {
   std::lock_guard<std::mutex> lock(mu_);
   prefetch_order_.clear();
   prefetch_next_ = 0;
+}
+
+std::vector<ParamsCache::AheadRead> ParamsCache::take_ahead_reads() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<AheadRead> reads(ahead_reads_.begin(), ahead_reads_.end());
+  ahead_reads_.clear();
+  return reads;
 }
 
 void ParamsCache::load_all() {

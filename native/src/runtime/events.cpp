@@ -14,6 +14,8 @@ const char* event_kind_name(EventKind kind) {
       return "h2d";
     case EventKind::kCompute:
       return "compute";
+    case EventKind::kRead:
+      return "read";
   }
   return "unknown";
 }

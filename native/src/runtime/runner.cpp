@@ -119,7 +119,10 @@ struct PendingStep {
       double start = 0, end = 0;
       bool any = false;
       for (const RunEvent& e : report.events) {
-        if (e.segment != head.segment || e.kind == EventKind::kSegment) continue;
+        if (e.segment != head.segment || e.kind == EventKind::kSegment ||
+            e.kind == EventKind::kRead) {
+          continue;
+        }
         start = any ? std::min(start, e.start_us) : e.start_us;
         end = any ? std::max(end, e.end_us) : e.end_us;
         any = true;
@@ -227,6 +230,8 @@ class RunBase {
   // Starts eager or background loading, as the request asks.
   void start_loading() {
     const size_t n = model_.base_segments().size();
+    // Reads ahead that ended after an earlier job's last step are not this job's.
+    model_.params_cache().take_ahead_reads();
     switch (request_.load) {
       case LoadMode::kLazy:
         break;
@@ -242,6 +247,31 @@ class RunBase {
         model_.prefetch(order);
         break;
       }
+    }
+  }
+
+  // Ends a step's report (after PendingStep::finish): its end time, device and host memory, and
+  // the reads ahead of use that ended since the previous step, each as a "read" event of the
+  // merged segment holding its base segment.
+  void close_step(PendingStep& pending) {
+    StepReport& report = pending.report;
+    report.end_us = wall_clock_us();
+    const MemoryStats memory = device_.memory_stats();
+    report.arena_peak_bytes = memory.window_peak_bytes;
+    report.allocations = memory.allocations;
+    report.host_peak_bytes = model_.params_cache().take_host_peak();
+    for (const ParamsCache::AheadRead& read : model_.params_cache().take_ahead_reads()) {
+      RunEvent e;
+      e.kind = EventKind::kRead;
+      e.start_us = read.start_us;
+      e.end_us = read.end_us;
+      e.bytes = read.bytes;
+      e.source = ParamSource::kDisk;
+      e.cold = Cold::kTrue;
+      for (const MergedSegment& seg : plan_) {
+        if (read.index >= seg.first && read.index <= seg.last) e.segment = seg.index;
+      }
+      report.events.push_back(e);
     }
   }
 
@@ -525,11 +555,7 @@ class FreshRun : public RunBase {
       }
       step_update(step)->wait();
       pending.finish();
-      pending.report.end_us = wall_clock_us();
-      const MemoryStats memory = device_.memory_stats();
-      pending.report.arena_peak_bytes = memory.window_peak_bytes;
-      pending.report.allocations = memory.allocations;
-      pending.report.host_peak_bytes = model_.params_cache().take_host_peak();
+      close_step(pending);
       if (on_step) on_step(std::move(pending.report));
     }
     return finish();
@@ -641,11 +667,7 @@ class PooledRun : public RunBase {
       for (const MergedSegment& seg : plan_) run_segment(step, seg, pending);
       step_update(step);
       pending.finish();
-      pending.report.end_us = wall_clock_us();
-      const MemoryStats memory = device_.memory_stats();
-      pending.report.arena_peak_bytes = memory.window_peak_bytes;
-      pending.report.allocations = memory.allocations;
-      pending.report.host_peak_bytes = model_.params_cache().take_host_peak();
+      close_step(pending);
       if (on_step) on_step(std::move(pending.report));
     }
     shutdown();
