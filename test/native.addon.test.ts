@@ -260,6 +260,17 @@ describe("native addon", () => {
     );
     expect(eager.reports[1]!.events.some((e) => e.kind === "read")).toBe(false);
 
+    // In the background, each base segment is read once, either ahead of use (a read event) or
+    // while a prepare_params waited for it (that event's bytes, the step's diskBytes).
+    const background = await readsOf("background");
+    const first = background.reports[0]!;
+    const sumOf = (kind: string, cold?: boolean) =>
+      first.events
+        .filter((e) => e.kind === kind && (cold === undefined || e.cold === cold))
+        .reduce((sum, e) => sum + e.bytes, 0);
+    expect(sumOf("prepare_params", true)).toBe(first.diskBytes);
+    expect(sumOf("read") + sumOf("prepare_params", true)).toBe(paramBytes);
+
     // Lazily, step 1's prepare_params read everything itself (cold, from disk): no read events.
     const lazy = await readsOf("lazy");
     expect(lazy.reports.flatMap((r) => r.events).some((e) => e.kind === "read")).toBe(false);

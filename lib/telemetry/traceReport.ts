@@ -228,13 +228,20 @@ export function stepReports(spans: TraceSpan[]): StepReport[] {
 export type StageKey =
   "prepare_params_disk" | "prepare_params_host" | "read" | "h2d" | "compute" | "stall";
 
-const STAGES: { key: StageKey; label: string; hasRate: boolean }[] = [
-  { key: "prepare_params_disk", label: "prepare_params (disk)", hasRate: true },
-  { key: "prepare_params_host", label: "prepare_params (host cache)", hasRate: true },
-  { key: "read", label: "read ahead (disk)", hasRate: true },
-  { key: "h2d", label: "h2d", hasRate: true },
-  { key: "compute", label: "compute", hasRate: false },
-  { key: "stall", label: "stall (waiting for a copy)", hasRate: false },
+// hasBytes: the stage moves bytes; hasRate: and a bytes / time rate means something (a host-cache
+// prepare holds bytes already in memory, so its rate would be bytes / ~0).
+const STAGES: { key: StageKey; label: string; hasBytes: boolean; hasRate: boolean }[] = [
+  { key: "prepare_params_disk", label: "prepare_params (disk)", hasBytes: true, hasRate: true },
+  {
+    key: "prepare_params_host",
+    label: "prepare_params (host cache)",
+    hasBytes: true,
+    hasRate: false,
+  },
+  { key: "read", label: "read ahead (disk)", hasBytes: true, hasRate: true },
+  { key: "h2d", label: "h2d", hasBytes: true, hasRate: true },
+  { key: "compute", label: "compute", hasBytes: false, hasRate: false },
+  { key: "stall", label: "stall (waiting for a copy)", hasBytes: false, hasRate: false },
 ];
 
 /**
@@ -349,7 +356,7 @@ function groupReport(group: GroupKey, label: string, part: Part): ReportGroup {
     step_min_s: stepSeconds[0] ?? null,
     step_median_s: median(stepSeconds),
     step_max_s: stepSeconds.at(-1) ?? null,
-    stages: STAGES.map(({ key, label: stageLabel, hasRate }) => {
+    stages: STAGES.map(({ key, label: stageLabel, hasBytes, hasRate }) => {
       const { seconds, bytes } = samples.get(key)!;
       seconds.sort((a, b) => a - b);
       const total = seconds.reduce((sum, value) => sum + value, 0);
@@ -361,7 +368,7 @@ function groupReport(group: GroupKey, label: string, part: Part): ReportGroup {
         median_s: median(seconds),
         max_s: seconds.at(-1) ?? null,
         total_s: total,
-        bytes: hasRate ? bytes : 0,
+        bytes: hasBytes ? bytes : 0,
         // Under 0.1 ms in all is too short to time (a host-cache hit hands a pointer over).
         gbps: hasRate && bytes > 0 && total >= 1e-4 ? bytes / total / 1e9 : null,
       };

@@ -23,7 +23,7 @@ struct RunEvent {
   int32_t segment = 0;  // index of the merged segment in the plan (kRead: that holds the base)
   double start_us = 0;
   double end_us = 0;
-  uint64_t bytes = 0;
+  uint64_t bytes = 0;  // prepare_params: its params, or when cold the bytes it waited to read
   ParamSource source = ParamSource::kNone;
   Cold cold = Cold::kUnset;  // prepare_params only: did it read from disk
   double stall_us = 0;       // compute only: its part of StepReport::stall_us

@@ -80,8 +80,11 @@ RunEvent make_event(EventKind kind, const MergedSegment& seg, double start, doub
   return e;
 }
 
+// A cold prepare's bytes are those it waited to have read (members read ahead by the loader are
+// its read events), so a step's disk-sourced prepare_params bytes add up to its disk_bytes.
 RunEvent prepare_event(const MergedSegment& seg, const Prepared& p, uint64_t bytes) {
-  RunEvent e = make_event(EventKind::kPrepareParams, seg, p.start_us, p.end_us, bytes);
+  RunEvent e = make_event(EventKind::kPrepareParams, seg, p.start_us, p.end_us,
+                          p.disk_bytes > 0 ? p.disk_bytes : bytes);
   e.cold = p.disk_bytes > 0 ? Cold::kTrue : Cold::kFalse;
   e.source = p.disk_bytes > 0 ? ParamSource::kDisk : ParamSource::kHost;
   return e;
