@@ -390,6 +390,9 @@ export async function runExecutorBench(
         paramsBackend: "",
         load: "",
         verify: false,
+        contextTokens: 0,
+        shift: false,
+        inputs: [],
       };
       let viaGrpc: JobResult;
       let planMessage: PlanMessage | undefined;

@@ -138,6 +138,9 @@ export function register(program: Command): void {
               paramsBackend: "",
               load: "",
               verify: false,
+              contextTokens: 0,
+              shift: false,
+              inputs: [],
             };
             const { plan } = await client.getPlan(spec);
             out(

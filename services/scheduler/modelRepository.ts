@@ -174,9 +174,17 @@ export class ModelRepository {
     return entry.header!;
   }
 
-  /** The model's base segments for a job of `batch` × `tokens` (ModelFormatError if not a DiT). */
-  async profile(model: ResolvedModel, batch: number, tokens: number): Promise<ModelProfile> {
-    return modelProfileFromHeader(await this.header(model), { batch, tokens });
+  /**
+   * The model's base segments for a job of `batch` × `tokens` (FLUX: image tokens, with
+   * `contextTokens` text tokens); ModelFormatError if no known architecture.
+   */
+  async profile(
+    model: ResolvedModel,
+    batch: number,
+    tokens: number,
+    contextTokens = 0,
+  ): Promise<ModelProfile> {
+    return modelProfileFromHeader(await this.header(model), { batch, tokens, contextTokens });
   }
 
   /** Every model file in the repository, by directory order then path. */
