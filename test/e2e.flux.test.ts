@@ -54,6 +54,9 @@ describe("a FLUX.1 denoising job end to end", () => {
     const inspect = await runFerry(["inspect", path]);
     expect(inspect.code).toBe(0);
     expect(inspect.stdout).toMatch(/general\.architecture\s+string "flux"/);
+    expect(inspect.stdout).toContain(
+      "FLUX.1-dev, hidden 256 (2 heads), 2 double + 1 single blocks",
+    );
     expect(inspect.stdout).toMatch(/double_blocks\.1\s+24/);
     const plan = await runFerry([
       "plan",
