@@ -8,6 +8,8 @@ import {
   runFluxReference,
   type FluxJob,
 } from "../lib/model/fluxReference";
+import type { JobSpec } from "../gen/ferry/v1/scheduler";
+import { FerryClientError } from "../lib/client/schedulerClient";
 import { genFluxModel } from "../lib/model/genFlux";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
 import { QUANTIZED_TOLERANCE } from "./referenceTolerance";
@@ -124,4 +126,44 @@ describe("a FLUX.1 denoising job end to end", () => {
     expect(wrong.stderr).toMatch(/INVALID_ARGUMENT|input "img" holds 4096 bytes, expected 5120/);
     expect(wrong.stderr).toContain('input "img"');
   }, 120_000);
+
+  it("the API checks inputs at submit, defaults FLUX's text tokens to 512, and lists inputs without their bytes", async () => {
+    const path = join(dir, "flux-api.safetensors");
+    await genFluxModel(path, { hidden: 128, depth: 1, depthSingle: 0, seed: 4 });
+    const spec: JobSpec = {
+      modelPath: path,
+      steps: 1,
+      batch: 1,
+      tokens: 4,
+      seed: 0,
+      maxVramGib: undefined,
+      policy: "ferry",
+      noStream: false,
+      executorId: "",
+      paramsBackend: "",
+      load: "",
+      verify: false,
+      contextTokens: 0,
+      guidance: undefined,
+      shift: false,
+      inputs: [],
+    };
+    const vec = (n: number) => Buffer.from(new Float32Array(n).fill(0.5).buffer);
+    const refused = await cluster.client
+      .runJob({ ...spec, inputs: [{ name: "vec", shape: [1, 768], data: vec(700) }] })
+      .catch((error: unknown) => error as FerryClientError);
+    expect(refused).toBeInstanceOf(FerryClientError);
+    expect((refused as FerryClientError).code).toBe("INVALID_ARGUMENT");
+    expect((refused as FerryClientError).message).toContain('input "vec" holds 2800 bytes');
+    const result = await cluster.client.runJob({
+      ...spec,
+      inputs: [{ name: "vec", shape: [1, 768], data: vec(768) }],
+    });
+    expect(result.outputShape).toEqual([1, 4, 64]);
+    const job = await cluster.client.getJob(result.jobId);
+    expect(job.spec!.contextTokens).toBe(512);
+    expect(job.spec!.inputs).toHaveLength(1);
+    expect(job.spec!.inputs[0]).toMatchObject({ name: "vec", shape: [1, 768] });
+    expect(job.spec!.inputs[0]!.data).toHaveLength(0);
+  }, 60_000);
 });
