@@ -165,5 +165,11 @@ describe("a FLUX.1 denoising job end to end", () => {
     expect(job.spec!.inputs).toHaveLength(1);
     expect(job.spec!.inputs[0]).toMatchObject({ name: "vec", shape: [1, 768] });
     expect(job.spec!.inputs[0]!.data).toHaveLength(0);
+    const models = await cluster.client.listModels();
+    expect(models.find((m) => m.name === "flux-api")).toMatchObject({
+      architecture: "flux",
+      format: "safetensors",
+      error: "",
+    });
   }, 60_000);
 });
