@@ -32,6 +32,8 @@ import type { JobResult, JobSpec, Plan as PlanMessage } from "../gen/ferry/v1/sc
 import { startCluster } from "../services/cluster/localCluster";
 import { formatBytes, GiB, MiB } from "../lib/config/units";
 import { genModel, type GenModelDtype } from "../lib/model/genModel";
+import { genFluxModel } from "../lib/model/genFlux";
+import { readModelHeader, requireModelArchitecture } from "../lib/model/modelFile";
 import type { DeviceProfile, ModelProfile } from "../lib/model/profile";
 import { modelProfileFromFile } from "../lib/model/segments";
 import { loadAddon, mapNativeError } from "../lib/native/addon";
@@ -51,8 +53,19 @@ import type { Plan } from "../lib/planner/types";
 const SDCPP_MARGIN_BYTES = 512 * MiB;
 
 export interface ExecutorBenchOptions {
-  /** A DiT model file; default: one generated with the shape below into a temp directory. */
+  /** A model file (a DiT or FLUX.1); default: one generated with the shape below into a temp directory. */
   modelPath?: string;
+  /**
+   * The generated model's architecture: Ferry's DiT, or a FLUX.1-dev-shaped transformer (`hidden`,
+   * `depth` double and `depthSingle` single blocks, bf16). @default "dit"
+   */
+  arch?: "dit" | "flux";
+  /** FLUX: double blocks. @default 4 */
+  depth?: number;
+  /** FLUX: single blocks (FLUX.1 has twice its double blocks). @default 8 */
+  depthSingle?: number;
+  /** FLUX: text tokens per sample (a model file that is not FLUX ignores them). @default 16 */
+  contextTokens?: number;
   /**
    * Shape of the generated model. @default 24 blocks, hidden 1536, 12 heads, 16 channels, bf16
    * (1.3 GiB: fine-grained enough that a staging slot costs little residency)
@@ -102,6 +115,8 @@ export interface ExecutorBenchDetails {
   params_bytes: number;
   batch: number;
   tokens: number;
+  /** FLUX: text tokens per sample (0 for the DiT). */
+  context_tokens: number;
   steps: number;
   threads: number;
   budget_bytes: number;
@@ -148,10 +163,17 @@ export interface ExecutorBenchResult extends ExecutorBenchSummary {
 
 const mean = (values: number[]) => values.reduce((a, b) => a + b, 0) / Math.max(1, values.length);
 
-function requestOf(plan: Plan, batch: number, tokens: number, steps: number): NativeRunRequest {
+function requestOf(
+  plan: Plan,
+  batch: number,
+  tokens: number,
+  steps: number,
+  contextTokens = 0,
+): NativeRunRequest {
   return {
     batch,
     tokens,
+    contextTokens,
     steps,
     seed: 0,
     segments: plan.segments.map((s) => ({
@@ -211,7 +233,18 @@ export async function runExecutorBench(
   let model: NativeModel | undefined;
   try {
     let path = options.modelPath;
-    if (!path) {
+    if (!path && options.arch === "flux") {
+      path = join(dir, "bench-flux.safetensors");
+      log(`generating a FLUX.1-dev-shaped model in ${path}`);
+      await genFluxModel(path, {
+        hidden: options.hidden ?? 1536,
+        depth: options.depth ?? 4,
+        depthSingle: options.depthSingle ?? 8,
+        guidance: true,
+        dtype: options.dtype ?? "bf16",
+        seed: 1,
+      });
+    } else if (!path) {
       path = join(dir, "bench.safetensors");
       log(`generating a model in ${path}`);
       await genModel(path, {
@@ -223,7 +256,13 @@ export async function runExecutorBench(
         seed: 1,
       });
     }
-    const profile: ModelProfile = await modelProfileFromFile(path, { batch, tokens });
+    const isFlux = requireModelArchitecture(await readModelHeader(path)).arch === "flux";
+    const contextTokens = isFlux ? (options.contextTokens ?? 16) : 0;
+    const profile: ModelProfile = await modelProfileFromFile(path, {
+      batch,
+      tokens,
+      contextTokens,
+    });
     const paramsBytes = profile.segments.reduce((s, x) => s + x.param_bytes, 0);
     const budget = Math.floor((options.budgetGiB ?? (0.85 * paramsBytes) / GiB) * GiB);
     model = await addon.openModel(path);
@@ -238,6 +277,7 @@ export async function runExecutorBench(
     const allResident: NativeRunRequest = {
       batch,
       tokens,
+      contextTokens,
       steps: 3,
       seed: 0,
       segments: profile.segments.map((segment, i) => ({
@@ -307,19 +347,34 @@ export async function runExecutorBench(
     devices.push(device);
     const peak = device.measureCopyRate();
     log(`peak copy rate ${peak.toFixed(3)} GB/s; running sdcpp`);
-    const sdcpp = await runPlan(addon, device, model, requestOf(sdcppPlan, batch, tokens, steps));
+    const sdcpp = await runPlan(
+      addon,
+      device,
+      model,
+      requestOf(sdcppPlan, batch, tokens, steps, contextTokens),
+    );
     log("running sdcpp-prefetch");
     const prefetch = await runPlan(
       addon,
       device,
       model,
-      requestOf(prefetchPlan, batch, tokens, steps),
+      requestOf(prefetchPlan, batch, tokens, steps, contextTokens),
     );
     device.clearResidency();
     log("running ferry");
-    const ferry = await runPlan(addon, device, model, requestOf(ferryPlan, batch, tokens, steps));
+    const ferry = await runPlan(
+      addon,
+      device,
+      model,
+      requestOf(ferryPlan, batch, tokens, steps, contextTokens),
+    );
     // The same job again: its resident weights are still on the device.
-    const again = await runPlan(addon, device, model, requestOf(ferryPlan, batch, tokens, 2));
+    const again = await runPlan(
+      addon,
+      device,
+      model,
+      requestOf(ferryPlan, batch, tokens, 2, contextTokens),
+    );
 
     const sdcppSteps = steady(sdcpp.reports).map(stepSeconds);
     const ferrySteps = steady(ferry.reports).map(stepSeconds);
@@ -343,6 +398,7 @@ export async function runExecutorBench(
       params_bytes: paramsBytes,
       batch,
       tokens,
+      context_tokens: contextTokens,
       steps,
       threads,
       budget_bytes: budget,
@@ -390,6 +446,9 @@ export async function runExecutorBench(
         paramsBackend: "",
         load: "",
         verify: false,
+        contextTokens,
+        shift: false,
+        inputs: [],
       };
       let viaGrpc: JobResult;
       let planMessage: PlanMessage | undefined;
@@ -404,7 +463,12 @@ export async function runExecutorBench(
       if (!planMessage) throw new Error("the scheduler did not say which plan it ran");
       const plan = planFromMessage(planMessage);
       device.clearResidency();
-      const direct = await runPlan(addon, device, model, requestOf(plan, batch, tokens, steps));
+      const direct = await runPlan(
+        addon,
+        device,
+        model,
+        requestOf(plan, batch, tokens, steps, contextTokens),
+      );
       const grpcSteps = viaGrpc.steps.slice(1).map((s) => s.stepSeconds);
       const directSteps = steady(direct.reports).map(stepSeconds);
       details.grpc = {
@@ -490,7 +554,8 @@ export function executorBenchMarkdown(result: ExecutorBenchResult): string {
     `| h2d_efficiency | ${fmt(result.h2d_efficiency, 3)} | ≥ 0.90: ${goal(result.h2d_efficiency >= 0.9)} |`,
     `| grpc_over_direct | ${fmt(result.grpc_over_direct, 3)} | ≤ 1.03: ${result.grpc_over_direct === null ? "not run" : goal(result.grpc_over_direct <= 1.03)} |`,
     "",
-    `Model ${d.model}: ${formatBytes(d.params_bytes)} of weights; batch ${d.batch} × tokens ${d.tokens}, ` +
+    `Model ${d.model}: ${formatBytes(d.params_bytes)} of weights; batch ${d.batch} × tokens ${d.tokens}` +
+      `${d.context_tokens ? ` (+ ${d.context_tokens} text tokens)` : ""}, ` +
       `${d.steps} steps (step 1 not timed), ${d.threads || "all"} kernel threads. Budget ` +
       `${formatBytes(d.budget_bytes)}; emulated link ${d.link_gbps.toFixed(3)} GB/s.`,
     "",
@@ -525,6 +590,10 @@ export function executorBenchMarkdown(result: ExecutorBenchResult): string {
 /** `ferry bench executor`'s options as commander parses them. */
 interface ExecutorBenchFlags {
   model?: string;
+  arch: string;
+  depth: string;
+  depthSingle: string;
+  txtTokens: string;
   blocks: string;
   hidden: string;
   heads: string;
@@ -537,6 +606,12 @@ interface ExecutorBenchFlags {
   grpc: boolean;
   json: boolean;
   details: boolean;
+}
+
+function archFlag(text: string): "dit" | "flux" {
+  if (text !== "dit" && text !== "flux")
+    throw new Error(`--arch must be dit or flux (got ${text})`);
+  return text;
 }
 
 function positive(name: string, text: string | undefined, integer: boolean): number | undefined {
@@ -556,12 +631,16 @@ export function registerBenchExecutor(bench: Command): void {
       "the native executor on one CPU device: sdcpp's serial plan and sd.cpp's prefetch vs " +
         "ferry's overlapped plan vs the lower bound, copy efficiency, and gRPC overhead",
     )
-    .option("--model <path>", "a DiT model file (default: generate one)")
-    .option("--blocks <n>", "blocks of the generated model", "24")
+    .option("--model <path>", "a DiT or FLUX.1 model file (default: generate one)")
+    .option("--arch <arch>", "the generated model: dit, or flux (FLUX.1-dev's layout, bf16)", "dit")
+    .option("--blocks <n>", "dit: blocks of the generated model", "24")
+    .option("--depth <n>", "flux: double blocks of the generated model", "4")
+    .option("--depth-single <n>", "flux: single blocks of the generated model", "8")
+    .option("--txt-tokens <n>", "flux: text tokens per sample", "16")
     .option("--hidden <n>", "hidden width of the generated model", "1536")
     .option("--heads <n>", "attention heads of the generated model", "12")
     .option("--batch <n>", "samples per job", "1")
-    .option("--tokens <n>", "tokens per sample", "16")
+    .option("--tokens <n>", "tokens per sample (flux: image tokens)", "16")
     .option("--steps <n>", "steps per run (the first is not timed)", "8")
     .option("--threads <n>", "kernel threads; 0 = one per core", "0")
     .option("--budget <gib>", "the --max-vram both policies plan for, GiB (default 0.85 × weights)")
@@ -574,6 +653,10 @@ export function registerBenchExecutor(bench: Command): void {
       try {
         const result = await runExecutorBench({
           modelPath: f.model,
+          arch: archFlag(f.arch),
+          depth: positive("--depth", f.depth, true),
+          depthSingle: positive("--depth-single", f.depthSingle, true),
+          contextTokens: positive("--txt-tokens", f.txtTokens, true),
           blocks: positive("--blocks", f.blocks, true),
           hidden: positive("--hidden", f.hidden, true),
           heads: positive("--heads", f.heads, true),

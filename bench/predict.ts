@@ -70,6 +70,9 @@ export async function runPredictBench(
       paramsBackend: "",
       load: "",
       verify: false,
+      contextTokens: 0,
+      shift: false,
+      inputs: [],
     });
     // Calibration: the scheduler learns β, the compute rate and δ from these steps.
     for (const policy of ["sdcpp", "ferry"]) {

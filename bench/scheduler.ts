@@ -135,6 +135,9 @@ export async function runSchedulerBench(
       paramsBackend: "",
       load: "",
       verify: false,
+      contextTokens: 0,
+      shift: false,
+      inputs: [],
     });
     const keyOf = (spec: JobSpec) => `${spec.modelPath}|${spec.steps}|${spec.seed}|${spec.policy}`;
     const reference = new Map<string, string>();

@@ -299,6 +299,9 @@ export async function runTracingBench(
         paramsBackend: "cpu",
         load: "eager",
         verify: false,
+        contextTokens: 0,
+        shift: false,
+        inputs: [],
       });
       const run = async (config: TracingConfig) => {
         const started = performance.now();

@@ -21,6 +21,9 @@ const baseSpec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec 
   paramsBackend: "",
   load: "",
   verify: false,
+  contextTokens: 0,
+  shift: false,
+  inputs: [],
   ...overrides,
 });
 

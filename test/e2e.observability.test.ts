@@ -60,6 +60,9 @@ describe("what a person investigating a slow step gets", () => {
     paramsBackend: "cpu",
     load: "lazy",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
   });
 
   beforeAll(async () => {

@@ -46,6 +46,9 @@ describe.skipIf(skip)("the status page in a real browser", () => {
     paramsBackend: "",
     load: "",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
     ...overrides,
   });
 

@@ -60,6 +60,9 @@ describe("durable jobs across scheduler restarts", () => {
     paramsBackend: "",
     load: "",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
     ...overrides,
   });
   const startExecutor = () => {

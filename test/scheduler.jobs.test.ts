@@ -33,6 +33,9 @@ describe("jobs", () => {
     paramsBackend: "",
     load: "",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
     ...overrides,
   });
   const executor = async (id: string) => {

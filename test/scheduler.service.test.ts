@@ -71,6 +71,9 @@ const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => (
   paramsBackend: "",
   load: "",
   verify: false,
+  contextTokens: 0,
+  shift: false,
+  inputs: [],
   ...overrides,
 });
 

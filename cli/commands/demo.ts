@@ -9,6 +9,8 @@ import { formatBytes, parseBytes } from "../../lib/config/units";
 import { genModel, GEN_MODEL_FLOAT_DTYPES, type GenModelDtype } from "../../lib/model/genModel";
 import { planFromMessage } from "../../services/scheduler/planProto";
 import { formatPlan } from "../../lib/planner/formatPlan";
+import { describeFlux, fluxImageTokens } from "../../lib/model/flux";
+import { genFluxModel } from "../../lib/model/genFlux";
 import { action } from "../action";
 import { formatStep } from "./run";
 
@@ -24,6 +26,7 @@ interface DemoFlags {
   linkGbps: string;
   policies: string;
   keep?: boolean;
+  flux: boolean;
 }
 
 const out = (line = "") => process.stdout.write(`${line}\n`);
@@ -81,6 +84,7 @@ export function register(program: Command): void {
     .option("--link-gbps <rate>", "emulated host→device link, GB/s (0 = memory speed)", "8")
     .option("--policies <list>", "planning policies to run, in order", "sdcpp,ferry")
     .option("--keep", "keep the generated model")
+    .option("--no-flux", "skip the FLUX.1-shaped run after the DiT's")
     .action(
       action("demo", async (flags: DemoFlags) => {
         if (!(GEN_MODEL_FLOAT_DTYPES as readonly string[]).includes(flags.dtype)) {
@@ -90,6 +94,7 @@ export function register(program: Command): void {
         parseBytes(flags.vram);
         const dir = await mkdtemp(join(tmpdir(), "ferry-demo-"));
         const modelPath = join(dir, "demo-dit.safetensors");
+        const fluxPath = join(dir, "demo-flux.safetensors");
         let cluster: Cluster | undefined;
         try {
           out(`1. generating a synthetic DiT model in ${dir}`);
@@ -127,7 +132,6 @@ export function register(program: Command): void {
             ],
             { modelDirs: [dir] },
           );
-          const { client } = cluster;
           out(`2. scheduler listening on ${cluster.server.address}`);
           out(
             `3. executor demo-gpu0 connected: CPU device with ${flags.vram} of device memory` +
@@ -135,50 +139,95 @@ export function register(program: Command): void {
           );
 
           // The same job under each policy: sd.cpp's baseline first, then Ferry's cost model.
-          const summaries: string[] = [];
+          const policies = flags.policies.split(",").map((name) => name.trim());
+          const steps = parseIntegerFlag("--steps", flags.steps, 1, 10_000);
           let section = 4;
-          for (const policy of flags.policies.split(",").map((name) => name.trim())) {
-            const spec = {
-              modelPath,
-              steps: parseIntegerFlag("--steps", flags.steps, 1, 10_000),
-              batch: 1,
-              tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_000_000),
-              seed: 0,
-              maxVramGib: undefined,
-              policy,
-              noStream: false,
-              executorId: "",
-              paramsBackend: "",
-              load: "",
-              verify: false,
-            };
-            const { plan } = await client.getPlan(spec);
+          const runPolicies = async (
+            label: string,
+            path: string,
+            bytes: number,
+            job: { tokens: number; contextTokens: number; guidance?: number; shift: boolean },
+          ) => {
+            const summaries: string[] = [];
+            for (const policy of policies) {
+              const spec = {
+                modelPath: path,
+                steps,
+                batch: 1,
+                tokens: job.tokens,
+                seed: 0,
+                maxVramGib: undefined,
+                policy,
+                noStream: false,
+                executorId: "",
+                paramsBackend: "",
+                load: "",
+                verify: false,
+                contextTokens: job.contextTokens,
+                guidance: job.guidance,
+                shift: job.shift,
+                inputs: [],
+              };
+              const { plan } = await cluster!.client.getPlan(spec);
+              out(
+                `${section++}. the ${policy} plan for the ${label} (model ${formatBytes(bytes)} vs device ${flags.vram}):`,
+              );
+              for (const line of formatPlan(planFromMessage(plan!)).split("\n")) out(`   ${line}`);
+              out(
+                `${section++}. running ${spec.steps} steps of the ${label} with the ${policy} plan`,
+              );
+              const result = await cluster!.client.runJob(spec, (progress) =>
+                out(`   ${formatStep(progress)}`),
+              );
+              out(`${section++}. where the time went (${label}, ${policy})`);
+              for (const line of summarize(result)) out(`   ${line}`);
+              const warm = result.steps.slice(1);
+              const perStep = warm.length
+                ? warm.reduce((sum, step) => sum + step.stepSeconds, 0) / warm.length
+                : result.steps[0].stepSeconds;
+              summaries.push(
+                `${policy}: ${perStep.toFixed(3)} s per warm step, checksum ${result.checksum.slice(0, 16)}…`,
+              );
+            }
+            if (summaries.length > 1) {
+              out(`${section++}. side by side (${label}: same model, same executor, same output)`);
+              for (const line of summaries) out(`   ${line}`);
+            }
+          };
+          await runPolicies("DiT", modelPath, model.bytes, {
+            tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_000_000),
+            contextTokens: 0,
+            shift: false,
+          });
+
+          if (flags.flux) {
+            // A FLUX.1-dev-shaped transformer (BFL's names and blocks, fewer and narrower; 700 MiB
+            // in f32, more than the device's budget) on the same executor: a 128×128-pixel image (L = 64) and 32 text tokens, inputs
+            // generated from the seed.
+            out(`${section++}. generating a FLUX.1-dev-shaped model in ${fluxPath}`);
+            const flux = await genFluxModel(fluxPath, {
+              hidden: 1024,
+              depth: 2,
+              depthSingle: 6,
+              guidance: true,
+              dtype: flags.dtype as GenModelDtype,
+              seed: 1,
+            });
             out(
-              `${section++}. the ${policy} plan (model ${formatBytes(model.bytes)} vs device ${flags.vram}):`,
+              `   ${describeFlux(flux.config)}, ${flags.dtype}: ` +
+                `${(flux.params / 1e6).toFixed(1)} M params, ${formatBytes(flux.bytes)}`,
             );
-            for (const line of formatPlan(planFromMessage(plan!)).split("\n")) out(`   ${line}`);
-            out(`${section++}. running ${spec.steps} steps with the ${policy} plan`);
-            const result = await client.runJob(spec, (progress) =>
-              out(`   ${formatStep(progress)}`),
-            );
-            out(`${section++}. where the time went (${policy})`);
-            for (const line of summarize(result)) out(`   ${line}`);
-            const warm = result.steps.slice(1);
-            const perStep = warm.length
-              ? warm.reduce((sum, step) => sum + step.stepSeconds, 0) / warm.length
-              : result.steps[0].stepSeconds;
-            summaries.push(
-              `${policy}: ${perStep.toFixed(3)} s per warm step, checksum ${result.checksum.slice(0, 16)}…`,
-            );
-          }
-          if (summaries.length > 1) {
-            out(`${section}. side by side (same model, same executor, same output)`);
-            for (const line of summaries) out(`   ${line}`);
+            await runPolicies("FLUX.1-shaped model", fluxPath, flux.bytes, {
+              tokens: fluxImageTokens(128, 128),
+              contextTokens: 32,
+              guidance: 3.5,
+              shift: true,
+            });
           }
         } finally {
           await cluster?.stop();
           if (!flags.keep) await rm(dir, { recursive: true, force: true });
-          else out(`model kept at ${modelPath}`);
+          else out(`models kept in ${dir}`);
         }
       }),
     );

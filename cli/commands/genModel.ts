@@ -10,14 +10,21 @@ import {
   type GenModelDtype,
   type GenModelFormat,
 } from "../../lib/model/genModel";
+import { genFluxModel, genFluxSize, resolveGenFluxOptions } from "../../lib/model/genFlux";
+import { describeFlux } from "../../lib/model/flux";
 import { action } from "../action";
 
 interface GenModelFlags {
   out: string;
-  blocks: string;
-  hidden: string;
-  heads: string;
-  channels: string;
+  arch: string;
+  blocks?: string;
+  hidden?: string;
+  heads?: string;
+  channels?: string;
+  depth?: string;
+  depthSingle?: string;
+  guidance?: boolean;
+  prefix?: boolean;
   dtype: string;
   format?: string;
   seed: string;
@@ -43,6 +50,27 @@ function seedFlag(text: string): bigint {
   return BigInt(text);
 }
 
+/** 0 or more (FLUX's --depth-single). */
+function nonNegativeInteger(flag: string, text: string): number {
+  return text === "0" ? 0 : positiveInteger(flag, text);
+}
+
+/** Progress on stderr for a model of `dataBytes` (none for small ones). */
+function progressReporter(dataBytes: number) {
+  let lastReport = Date.now();
+  return dataBytes >= PROGRESS_MIN_BYTES
+    ? (written: number, total: number) => {
+        const now = Date.now();
+        if (written < total && now - lastReport < PROGRESS_INTERVAL_MS) return;
+        lastReport = now;
+        const percent = Math.floor((100 * written) / total);
+        process.stderr.write(
+          `ferry gen-model: ${percent}% (${humanBytes(written)} of ${humanBytes(total)})\n`,
+        );
+      }
+    : undefined;
+}
+
 /** 1536 → "1.5 KiB". */
 function humanBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -58,16 +86,25 @@ function humanBytes(bytes: number): string {
 export function register(program: Command): void {
   program
     .command("gen-model")
-    .description("write a synthetic DiT model (safetensors or GGUF) with deterministic weights")
+    .description(
+      "write a synthetic model with deterministic weights: Ferry's DiT, or a FLUX.1-shaped transformer in BFL's naming (safetensors or GGUF)",
+    )
     .requiredOption("--out <path>", "output file, e.g. model.safetensors or model.gguf")
-    .option("--blocks <n>", "transformer blocks", String(GEN_MODEL_DEFAULTS.blocks))
-    .option("--hidden <d>", "hidden width", String(GEN_MODEL_DEFAULTS.hidden))
+    .option("--arch <arch>", "dit (Ferry's DiT) or flux (FLUX.1's layout and names)", "dit")
+    .option("--blocks <n>", `dit: transformer blocks (default ${GEN_MODEL_DEFAULTS.blocks})`)
+    .option(
+      "--hidden <d>",
+      `hidden width (default ${GEN_MODEL_DEFAULTS.hidden}; flux: a multiple of 128)`,
+    )
     .option(
       "--heads <h>",
-      "attention heads (must divide --hidden)",
-      String(GEN_MODEL_DEFAULTS.heads),
+      `dit: attention heads, must divide --hidden (default ${GEN_MODEL_DEFAULTS.heads})`,
     )
-    .option("--channels <c>", "latent channels", String(GEN_MODEL_DEFAULTS.channels))
+    .option("--channels <c>", `dit: latent channels (default ${GEN_MODEL_DEFAULTS.channels})`)
+    .option("--depth <n>", "flux: double-stream blocks (default 2)")
+    .option("--depth-single <n>", "flux: single-stream blocks (default 2)")
+    .option("--guidance", "flux: FLUX.1-dev's guidance embedding (default: schnell's layout)")
+    .option("--prefix", "flux: tensors under model.diffusion_model. (safetensors only)")
     .option(
       "--dtype <type>",
       `weight type: ${GEN_MODEL_FLOAT_DTYPES.join(", ")}, or (GGUF only) ` +
@@ -81,11 +118,25 @@ export function register(program: Command): void {
     .option("--seed <s>", "weight seed, integer in [0, 2^64)", String(GEN_MODEL_DEFAULTS.seed))
     .action(
       action("gen-model", async (flags: GenModelFlags) => {
+        if (flags.arch === "flux") return genFlux(flags);
+        if (flags.arch !== "dit") {
+          throw new RangeError(`--arch must be dit or flux (got ${flags.arch})`);
+        }
+        for (const flag of ["depth", "depthSingle", "guidance", "prefix"] as const) {
+          if (flags[flag] !== undefined) {
+            throw new RangeError(
+              `--${flag === "depthSingle" ? "depth-single" : flag} is for --arch flux`,
+            );
+          }
+        }
         const options = {
-          blocks: positiveInteger("--blocks", flags.blocks),
-          hidden: positiveInteger("--hidden", flags.hidden),
-          heads: positiveInteger("--heads", flags.heads),
-          channels: positiveInteger("--channels", flags.channels),
+          blocks: positiveInteger("--blocks", flags.blocks ?? String(GEN_MODEL_DEFAULTS.blocks)),
+          hidden: positiveInteger("--hidden", flags.hidden ?? String(GEN_MODEL_DEFAULTS.hidden)),
+          heads: positiveInteger("--heads", flags.heads ?? String(GEN_MODEL_DEFAULTS.heads)),
+          channels: positiveInteger(
+            "--channels",
+            flags.channels ?? String(GEN_MODEL_DEFAULTS.channels),
+          ),
           dtype: flags.dtype as GenModelDtype,
           format: flags.format as GenModelFormat | undefined,
           seed: seedFlag(flags.seed),
@@ -93,20 +144,10 @@ export function register(program: Command): void {
         // Validate every flag (and their combination) before touching the file system.
         const { config, dtype, format } = resolveGenModelOptions(options, flags.out);
         const { dataBytes } = genModelSize(config, dtype);
-        let lastReport = Date.now();
-        const onProgress =
-          dataBytes >= PROGRESS_MIN_BYTES
-            ? (written: number, total: number) => {
-                const now = Date.now();
-                if (written < total && now - lastReport < PROGRESS_INTERVAL_MS) return;
-                lastReport = now;
-                const percent = Math.floor((100 * written) / total);
-                process.stderr.write(
-                  `ferry gen-model: ${percent}% (${humanBytes(written)} of ${humanBytes(total)})\n`,
-                );
-              }
-            : undefined;
-        const result = await genModel(flags.out, { ...options, onProgress });
+        const result = await genModel(flags.out, {
+          ...options,
+          onProgress: progressReporter(dataBytes),
+        });
         process.stdout.write(
           `wrote ${result.path}: DiT ${config.blocks} blocks, hidden ${config.hidden}, ` +
             `${config.heads} heads, ${config.channels} channels, ${dtype}` +
@@ -116,4 +157,34 @@ export function register(program: Command): void {
         );
       }),
     );
+}
+
+async function genFlux(flags: GenModelFlags): Promise<void> {
+  for (const flag of ["blocks", "heads", "channels"] as const) {
+    if (flags[flag] !== undefined) throw new RangeError(`--${flag} is for --arch dit`);
+  }
+  const options = {
+    hidden: flags.hidden === undefined ? undefined : positiveInteger("--hidden", flags.hidden),
+    depth: flags.depth === undefined ? undefined : positiveInteger("--depth", flags.depth),
+    depthSingle:
+      flags.depthSingle === undefined
+        ? undefined
+        : nonNegativeInteger("--depth-single", flags.depthSingle),
+    guidance: flags.guidance ?? false,
+    prefix: flags.prefix ?? false,
+    dtype: flags.dtype as GenModelDtype,
+    format: flags.format as GenModelFormat | undefined,
+    seed: seedFlag(flags.seed),
+  };
+  const { config, dtype, format, prefix } = resolveGenFluxOptions(options, flags.out);
+  const { dataBytes } = genFluxSize(config, dtype);
+  const result = await genFluxModel(flags.out, {
+    ...options,
+    onProgress: progressReporter(dataBytes),
+  });
+  process.stdout.write(
+    `wrote ${result.path}: ${describeFlux(config)}, ${dtype}${format === "gguf" ? " GGUF" : ""}` +
+      `${prefix ? ` under ${prefix}` : ""}; ${result.params.toLocaleString("en-US")} params, ` +
+      `${result.bytes.toLocaleString("en-US")} bytes (${humanBytes(result.bytes)})\n`,
+  );
 }

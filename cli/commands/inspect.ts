@@ -8,6 +8,7 @@ import { formatBytes } from "../../lib/config/units";
 import { ggufValueToJson, summarizeGgufValue } from "../../lib/model/gguf";
 import { groupTensors, type TensorGroup } from "../../lib/model/grouping";
 import { readModelHeader, type ModelFormat, type ModelHeader } from "../../lib/model/modelFile";
+import { describeFlux } from "../../lib/model/flux";
 
 /** Where the command writes; tests pass sinks, the CLI the process streams. */
 export interface InspectCommandIo {
@@ -110,6 +111,10 @@ export function formatInspect(header: ModelHeader, groups: readonly TensorGroup[
     lines.push(
       `Ferry DiT: ${c.blocks} blocks, hidden ${c.hidden}, ${c.heads} heads, ${c.channels} channels`,
     );
+  }
+  if (header.fluxModel) {
+    const { config, prefix } = header.fluxModel;
+    lines.push(`${describeFlux(config)}${prefix ? ` (tensors under ${prefix})` : ""}`);
   }
   const entries: [string, string][] =
     header.format === "gguf"

@@ -21,6 +21,7 @@ import { KNOWN_POLICIES, planJob } from "../../lib/planner/planJob";
 import { formatPlanJson, planToJson } from "../../lib/planner/planJson";
 import { readProfileFile } from "../../lib/planner/profileFile";
 import type { Plan, PolicyName } from "../../lib/planner/types";
+import { addFluxShapeOptions, resolveJobShape } from "../jobShapeFlags";
 
 /** Tokens per sample when planning a model file. Matches the scheduler's job default. */
 export const DEFAULT_PLAN_TOKENS = 64;
@@ -57,8 +58,15 @@ export interface PlanCommandOptions {
   policy: string;
   /** Samples per step, for a model file's activation sizes. @default 1 */
   batch: number;
-  /** Tokens per sample, for a model file's activation sizes. @default 64 */
+  /** Tokens per sample (FLUX: image tokens L), for a model file's activation sizes. @default 64 */
   tokens: number;
+  /** FLUX: image tokens L (overrides --tokens). @default none */
+  imgTokens?: string;
+  /** FLUX: image size in pixels, L = (H/16)·(W/16) (overrides --tokens). @default none */
+  width?: string;
+  height?: string;
+  /** FLUX: text tokens T. @default 512 */
+  txtTokens?: string;
   /** Device memory in bytes (total = free), required with a model file unless --profile. @default none */
   deviceMemory?: number;
   /** Print the plan as JSON (planToJson). @default false */
@@ -174,10 +182,7 @@ export async function planLocally(
     throw new Error("--device-memory is required with a model file (e.g. --device-memory 12GiB)");
   }
   if (modelPath !== undefined) {
-    model = await modelProfileFromFile(modelPath, {
-      batch: options.batch,
-      tokens: options.tokens,
-    });
+    model = await modelProfileFromFile(modelPath, jobShapeOf(options));
   }
   if (model === undefined) throw new Error(`${options.profile}: model is missing`);
 
@@ -207,11 +212,12 @@ export async function planOnScheduler(
   });
   try {
     await client.ready();
+    const job = jobShapeOf(options);
     const response = await client.getPlan({
       modelPath: resolve(modelPath),
       steps: 1,
-      batch: options.batch,
-      tokens: options.tokens,
+      batch: job.batch,
+      tokens: job.tokens,
       seed: 0,
       maxVramGib: options.maxVram,
       policy: options.policy,
@@ -220,11 +226,11 @@ export async function planOnScheduler(
       paramsBackend: "",
       load: "",
       verify: false,
+      contextTokens: job.contextTokens,
+      shift: false,
+      inputs: [],
     });
-    const model = await modelProfileFromFile(modelPath, {
-      batch: options.batch,
-      tokens: options.tokens,
-    });
+    const model = await modelProfileFromFile(modelPath, job);
     const device = deviceProfileOf(response.device!);
     device.name = `${response.executorId} (${device.name})`;
     return {
@@ -288,6 +294,24 @@ function messageOf(error: unknown): string {
   return err?.message ?? String(error);
 }
 
+/** The job the plan is for: --batch, and --tokens or FLUX's --img-tokens/--width/--height. */
+function jobShapeOf(options: PlanCommandOptions): {
+  batch: number;
+  tokens: number;
+  contextTokens: number;
+} {
+  const { tokens, contextTokens } = resolveJobShape(
+    {
+      imgTokens: options.imgTokens,
+      width: options.width,
+      height: options.height,
+      txtTokens: options.txtTokens,
+    },
+    options.tokens,
+  );
+  return { batch: options.batch, tokens, contextTokens };
+}
+
 /** Adds `plan` to a `ferry` program. */
 export function register(program: Command, io: PlanCommandIo = processIo): void {
   const command = program
@@ -295,7 +319,7 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
     .description(
       "show which merged segments of a model stay resident on a GPU and which stream each step",
     )
-    .argument("[model]", "model file (safetensors); only its header is read")
+    .argument("[model]", "model file (safetensors or GGUF); only its header is read")
     .option("--profile <file>", "profile JSON with the model's segments and the device")
     .option(
       "--device-profile <file>",
@@ -315,7 +339,8 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
       "tokens per sample",
       parsePositiveInteger("--tokens"),
       DEFAULT_PLAN_TOKENS,
-    )
+    );
+  addFluxShapeOptions(command)
     .option(
       "--device-memory <size>",
       "device memory, e.g. 12GiB (total = free); required with a model file unless --profile",
@@ -345,6 +370,8 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
         "      --policy ferry --max-vram 12 --explain",
         "  ferry plan model.safetensors --profile rtx3060.json --no-stream",
         "  ferry plan model.safetensors --scheduler 127.0.0.1:7400 --policy ferry --explain",
+        "  ferry plan flux1-dev-Q8_0.gguf --device-memory 24GiB --max-vram 12 --policy ferry \\",
+        "      --width 1024 --height 1024 --txt-tokens 512",
       ].join("\n"),
     )
     .action(async (modelPath: string | undefined, options: PlanCommandOptions) => {

@@ -17,15 +17,23 @@ import { planFromMessage } from "../../services/scheduler/planProto";
 import { planToJson } from "../../lib/planner/planJson";
 import { KNOWN_POLICIES } from "../../lib/planner/planJob";
 import { action } from "../action";
+import {
+  addFluxShapeOptions,
+  readInputDir,
+  resolveJobShape,
+  type JobShapeFlags,
+} from "../jobShapeFlags";
 import { addConnectionOptions, clientFromFlags } from "./connection";
 
-interface RunFlags extends ClientFlags {
+interface RunFlags extends ClientFlags, JobShapeFlags {
   model: string;
   priority: string;
   idempotencyKey?: string;
   steps: string;
   batch: string;
-  tokens: string;
+  inputs?: string;
+  guidance?: string;
+  shift?: boolean;
   seed: string;
   maxVram?: string;
   policy: string;
@@ -86,8 +94,15 @@ export function register(program: Command): void {
     )
     .option("--steps <n>", "sampling steps", "4")
     .option("--batch <n>", "batch size B", "1")
-    .option("--tokens <n>", "tokens per sample T", "64")
-    .option("--seed <n>", "seed of the initial input", "0")
+    .option("--tokens <n>", "tokens per sample (the DiT's T; FLUX's image tokens L) (default: 64)");
+  addFluxShapeOptions(command)
+    .option(
+      "--inputs <dir>",
+      "the job's inputs as raw little-endian float32 files: FLUX img.bin [B,L,64], txt.bin [B,T,4096], vec.bin [B,768], img_ids.bin [B,L,3]; DiT z.bin [B,T,C] (absent ones are generated from --seed)",
+    )
+    .option("--guidance <g>", "FLUX.1-dev's guidance scale (default: 3.5)")
+    .option("--shift", "FLUX: BFL's resolution-dependent timestep schedule")
+    .option("--seed <n>", "seed of generated inputs", "0")
     .option(
       "--max-vram <gib>",
       "budget: GiB, 0 = no split, negative = free minus that many GiB (default: all free memory)",
@@ -99,7 +114,10 @@ export function register(program: Command): void {
     .option("--load <mode>", "lazy, eager or background (default: the executor's)")
     .option("--verify", "checksum each segment at first load and verify every transfer")
     .option("--json", "print the result as JSON (only JSON on stdout; progress goes to stderr)")
-    .option("--output <path>", "write the output tensor as raw little-endian float32 [B,T,C]")
+    .option(
+      "--output <path>",
+      "write the output tensor as raw little-endian float32 (DiT [B,T,C], FLUX img [B,L,64])",
+    )
     .option("--priority <n>", "higher runs first, -1000..1000", "0")
     .option(
       "--idempotency-key <key>",
@@ -119,12 +137,24 @@ export function register(program: Command): void {
         attributes: { "ferry.model": model, "ferry.policy": flags.policy },
       });
       try {
+        const batch = parseIntegerFlag("--batch", flags.batch, 1, 65_536);
+        const shape = resolveJobShape(flags, 64);
+        const given = flags.inputs
+          ? await readInputDir(flags.inputs, { batch, ...shape })
+          : { inputs: [], contextTokens: shape.contextTokens };
         await client.ready();
         const spec = {
           modelPath: model,
           steps: parseIntegerFlag("--steps", flags.steps, 1, 1_000_000),
-          batch: parseIntegerFlag("--batch", flags.batch, 1, 65_536),
-          tokens: parseIntegerFlag("--tokens", flags.tokens, 1, 1_048_576),
+          batch,
+          tokens: shape.tokens,
+          contextTokens: given.contextTokens,
+          guidance:
+            flags.guidance === undefined
+              ? undefined
+              : parseNumberFlag("--guidance", flags.guidance, -1000, 1000),
+          shift: flags.shift ?? false,
+          inputs: given.inputs,
           seed: parseIntegerFlag("--seed", flags.seed, 0, Number.MAX_SAFE_INTEGER),
           maxVramGib:
             flags.maxVram === undefined

@@ -71,13 +71,15 @@ export type GenModelFormat = (typeof GEN_MODEL_FORMATS)[number];
 /** The GGUF architecture name of a Ferry DiT, and the prefix of its metadata keys. */
 export const GGUF_DIT_ARCHITECTURE = "ferry-dit";
 
-const SAFETENSORS_DTYPE: Record<(typeof GEN_MODEL_FLOAT_DTYPES)[number], FloatDtype> = {
+export const SAFETENSORS_DTYPE: Record<(typeof GEN_MODEL_FLOAT_DTYPES)[number], FloatDtype> = {
   f32: "F32",
   f16: "F16",
   bf16: "BF16",
 };
 
-function isQuantDtype(dtype: GenModelDtype): dtype is (typeof GEN_MODEL_QUANT_DTYPES)[number] {
+export function isQuantDtype(
+  dtype: GenModelDtype,
+): dtype is (typeof GEN_MODEL_QUANT_DTYPES)[number] {
   return (GEN_MODEL_QUANT_DTYPES as readonly string[]).includes(dtype);
 }
 
@@ -102,7 +104,7 @@ export function genModelTensorType(
 }
 
 /** A chunk of float32 values (whole rows of `rowLength`) as ggml `type` bytes. */
-function encodeAs(type: string, values: Float32Array, rowLength: number, out: Uint8Array) {
+export function encodeAs(type: string, values: Float32Array, rowLength: number, out: Uint8Array) {
   if (type === "f32" || type === "f16" || type === "bf16") {
     return encodeFloatValues(values, SAFETENSORS_DTYPE[type], out);
   }
@@ -178,7 +180,10 @@ export function tensorInit(spec: Pick<DitTensorSpec, "name" | "shape">): {
 } {
   if (spec.name.endsWith(".bias")) return { offset: 0, scale: 0.02 };
   if (spec.shape.length === 2) return { offset: 0, scale: 1 / Math.sqrt(spec.shape[1]!) };
-  if (spec.shape.length === 1 && spec.name.endsWith(".weight")) return { offset: 1, scale: 0.1 };
+  // Norm weights (the DiT's) and norm scales (FLUX's QK RMSNorm).
+  if (spec.shape.length === 1 && (spec.name.endsWith(".weight") || spec.name.endsWith(".scale"))) {
+    return { offset: 1, scale: 0.1 };
+  }
   throw new Error(`gen-model: no initialisation rule for tensor "${spec.name}"`);
 }
 
@@ -198,9 +203,9 @@ export function generateTensorValues(
 }
 
 /** Bytes of one generated tensor, chunk by chunk. Buffers are reused between chunks. */
-function* tensorChunks(
+export function* tensorChunks(
   seed: bigint,
-  spec: DitTensorSpec,
+  spec: Pick<DitTensorSpec, "name" | "shape">,
   encode: (values: Float32Array, out: Uint8Array) => Uint8Array,
   values: Float32Array,
   encoded: Uint8Array,
@@ -221,7 +226,10 @@ function* tensorChunks(
  * One pair of chunk buffers for a whole model (grown for a row longer than a chunk); the writer
  * consumes a chunk before asking for the next.
  */
-function chunkBuffers(): (spec: DitTensorSpec) => { values: Float32Array; encoded: Uint8Array } {
+export function chunkBuffers(): (spec: Pick<DitTensorSpec, "shape">) => {
+  values: Float32Array;
+  encoded: Uint8Array;
+} {
   let buffers: { values: Float32Array; encoded: Uint8Array } | undefined;
   return (spec) => {
     const need = Math.max(CHUNK_ELEMENTS, spec.shape[spec.shape.length - 1]!);

@@ -2,10 +2,12 @@
  * One view of a model file's header, whatever its format: GGUF or safetensors, sniffed from the
  * first bytes. The planner, the reference and `ferry inspect` read tensors through this, so a
  * GGUF model and a safetensors model of the same network look the same to them: names, row-major
- * shapes, stored dtype, absolute byte ranges, and (for Ferry DiT files) the DiT configuration.
+ * shapes, stored dtype, absolute byte ranges, and the architecture's configuration (a Ferry DiT's,
+ * a FLUX.1 transformer's).
  */
 import { openRegularFile } from "./openRegularFile";
 import { DIT_METADATA_KEYS, ditConfigFromMetadata, ditTensorSpecs, type DitConfig } from "./dit";
+import { fluxModelFromHeader, isFluxHeader, type FluxModel } from "./flux";
 import { GGUF_DIT_ARCHITECTURE } from "./genModel";
 import {
   GGUF_MAGIC,
@@ -49,6 +51,8 @@ interface ModelHeaderBase {
   tensors: ModelTensor[];
   /** The Ferry DiT configuration, when the metadata declares a valid one. */
   ditConfig?: DitConfig;
+  /** A FLUX.1 transformer's configuration and tensor prefix, when the tensors are one's. */
+  fluxModel?: FluxModel;
 }
 
 export type ModelHeader =
@@ -157,6 +161,26 @@ function optionalDitConfig(header: ModelHeader): DitConfig | undefined {
   }
 }
 
+/** The architecture a model file is, with its configuration. */
+export type ModelArchitecture =
+  { arch: "ferry-dit"; config: DitConfig } | { arch: "flux"; flux: FluxModel };
+
+/**
+ * The architecture of a model file: a Ferry DiT when its metadata declares one, FLUX.1 when its
+ * tensors are a FLUX.1 transformer's, else a ModelFormatError saying why it is neither (or what
+ * does not fit the one it looks like).
+ */
+export function requireModelArchitecture(header: ModelHeader): ModelArchitecture {
+  const declaresDit =
+    header.format === "gguf"
+      ? header.gguf.metadata.get("general.architecture")?.value === GGUF_DIT_ARCHITECTURE
+      : header.metadata[DIT_METADATA_KEYS.arch] !== undefined;
+  if (!declaresDit && isFluxHeader(header)) {
+    return { arch: "flux", flux: fluxModelFromHeader(header) };
+  }
+  return { arch: "ferry-dit", config: requireDitConfig(header) };
+}
+
 export type ReadModelHeaderOptions = ReadGgufOptions;
 
 /**
@@ -211,6 +235,13 @@ export async function readModelHeader(
   }
   const ditConfig = optionalDitConfig(header);
   if (ditConfig) header.ditConfig = ditConfig;
+  else if (isFluxHeader(header)) {
+    try {
+      header.fluxModel = fluxModelFromHeader(header);
+    } catch (err) {
+      if (!(err instanceof ModelFormatError)) throw err;
+    }
+  }
   return header;
 }
 

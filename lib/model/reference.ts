@@ -55,7 +55,11 @@ export interface LoadDitWeightsOptions {
 }
 
 /** Reads a tensor's stored bytes from an open file. */
-async function readStored(fh: fs.FileHandle, path: string, t: ModelTensor): Promise<Uint8Array> {
+export async function readStored(
+  fh: fs.FileHandle,
+  path: string,
+  t: ModelTensor,
+): Promise<Uint8Array> {
   const bytes = new Uint8Array(t.bytes);
   let filled = 0;
   while (filled < t.bytes) {
@@ -72,7 +76,7 @@ async function readStored(fh: fs.FileHandle, path: string, t: ModelTensor): Prom
 }
 
 /** A tensor's stored bytes as float64 values, decoded by its format's rules. */
-function decodeStored(format: ModelFormat, t: ModelTensor, bytes: Uint8Array): Float64Array {
+export function decodeStored(format: ModelFormat, t: ModelTensor, bytes: Uint8Array): Float64Array {
   if (format === "gguf" && isGgmlComputeType(t.dtype)) {
     return Float64Array.from(decodeGgml(t.dtype, bytes));
   }

@@ -9,9 +9,16 @@ import { basename } from "node:path";
 import { loadAddon, mapNativeError } from "../native/addon";
 import { ditSegmentNames, baseSegmentOf, type DitConfig } from "./dit";
 import {
+  checkFluxTensors,
+  FLUX_DEFAULT_TXT_TOKENS,
+  fluxNativeConfig,
+  type FluxConfig,
+  type FluxModel,
+} from "./flux";
+import {
   checkDitModelTensors,
   readModelHeader,
-  requireDitConfig,
+  requireModelArchitecture,
   type ModelHeader,
 } from "./modelFile";
 import type { BaseSegment, ModelProfile } from "./profile";
@@ -19,29 +26,33 @@ import type { BaseSegment, ModelProfile } from "./profile";
 export interface ModelProfileOptions {
   /** Samples per step (B). */
   batch: number;
-  /** Tokens per sample (T). */
+  /** Tokens per sample (the DiT's T; FLUX's image tokens L). */
   tokens: number;
+  /** FLUX: text tokens T (0 or absent: 512). Ignored by the DiT. */
+  contextTokens?: number;
 }
 
-/**
- * Footprints of a DiT's base segments for a job of `batch` × `tokens`, without a file: each base
- * segment's graph measured by the native addon (`param_bytes` is 0 — it depends on the stored
- * types).
- */
-export async function ditFootprints(
-  config: DitConfig,
+/** Each base segment of an architecture measured by the addon for a job (param_bytes 0). */
+async function archFootprints(
+  arch: string,
+  config: Record<string, number>,
   options: ModelProfileOptions,
 ): Promise<BaseSegment[]> {
   for (const [label, value] of [
     ["batch", options.batch],
     ["tokens", options.tokens],
+    ["context tokens", options.contextTokens ?? 0],
   ] as const) {
-    if (!Number.isSafeInteger(value) || value <= 0) {
+    if (!Number.isSafeInteger(value) || value < (label === "context tokens" ? 0 : 1)) {
       throw new RangeError(`${label} must be a positive integer (got ${value})`);
     }
   }
   const measured = await loadAddon()
-    .measureSegments("ferry-dit", { ...config }, { batch: options.batch, tokens: options.tokens })
+    .measureSegments(arch, config, {
+      batch: options.batch,
+      tokens: options.tokens,
+      contextTokens: options.contextTokens ?? 0,
+    })
     .catch((error: unknown) => {
       throw mapNativeError(error);
     });
@@ -57,11 +68,41 @@ export async function ditFootprints(
 }
 
 /**
- * Base segments (prelude, blocks.0 …, final) of a DiT file (GGUF or safetensors) for a job of
- * `batch` × `tokens`: param_bytes are the tensors' bytes as stored (ggml_nbytes, quantized bytes
- * for quantized types); the rest is measured on the segments' graphs (ditFootprints). The header's
- * tensors must be exactly the DiT layout its metadata declares, else a ModelFormatError naming
- * the tensor.
+ * Footprints of a DiT's base segments for a job of `batch` × `tokens`, without a file: each base
+ * segment's graph measured by the native addon (`param_bytes` is 0 — it depends on the stored
+ * types).
+ */
+export async function ditFootprints(
+  config: DitConfig,
+  options: ModelProfileOptions,
+): Promise<BaseSegment[]> {
+  return archFootprints(
+    "ferry-dit",
+    { ...config },
+    { batch: options.batch, tokens: options.tokens },
+  );
+}
+
+/**
+ * Footprints of a FLUX.1 transformer's base segments for a job of `batch` samples, `tokens` image
+ * tokens and `contextTokens` text tokens (default 512), measured by the addon (param_bytes 0).
+ */
+export async function fluxFootprints(
+  config: FluxConfig,
+  options: ModelProfileOptions,
+): Promise<BaseSegment[]> {
+  return archFootprints("flux", fluxNativeConfig(config), {
+    ...options,
+    contextTokens: options.contextTokens || FLUX_DEFAULT_TXT_TOKENS,
+  });
+}
+
+/**
+ * Base segments of a model file (GGUF or safetensors; a Ferry DiT or a FLUX.1 transformer) for a
+ * job of `batch` × `tokens` (FLUX: image tokens, plus `contextTokens` text tokens): param_bytes
+ * are the tensors' bytes as stored (ggml_nbytes, quantized bytes for quantized types); the rest
+ * is measured on the segments' graphs. The header's tensors must be exactly the layout of its
+ * architecture, else a ModelFormatError naming the tensor.
  */
 export async function modelProfileFromFile(
   path: string,
@@ -76,7 +117,9 @@ export async function modelProfileFromHeader(
   options: ModelProfileOptions,
 ): Promise<ModelProfile> {
   const path = header.path;
-  const config = requireDitConfig(header);
+  const architecture = requireModelArchitecture(header);
+  if (architecture.arch === "flux") return fluxProfile(header, architecture.flux, options);
+  const config = architecture.config;
   const tensors = checkDitModelTensors(header, config);
   const paramBytes = new Map<string, number>();
   for (const t of tensors) {
@@ -90,4 +133,18 @@ export async function modelProfileFromHeader(
   }
   const segments = footprints.map((s) => ({ ...s, param_bytes: paramBytes.get(s.name) ?? 0 }));
   return { name: basename(path), segments };
+}
+
+async function fluxProfile(
+  header: ModelHeader,
+  flux: FluxModel,
+  options: ModelProfileOptions,
+): Promise<ModelProfile> {
+  const bound = checkFluxTensors(header, flux);
+  const footprints = await fluxFootprints(flux.config, options);
+  const segments = footprints.map((s, i) => ({
+    ...s,
+    param_bytes: bound[i]!.tensors.reduce((sum, t) => sum + t.bytes, 0),
+  }));
+  return { name: basename(header.path), segments };
 }

@@ -130,11 +130,14 @@ export interface NativeBaseSegment {
 export interface NativeModelInfo {
   path: string;
   format: "safetensors" | "gguf";
-  /** The architecture: "ferry-dit", … */
+  /** The architecture: "ferry-dit", "flux". */
   arch: string;
   /** One line: "ferry-dit 4 blocks, hidden 256, heads 4, channels 16". */
   description: string;
-  /** The architecture's configuration (ferry-dit: hidden, heads, channels, blocks). */
+  /**
+   * The architecture's configuration (ferry-dit: hidden, heads, channels, blocks; flux: hidden,
+   * heads, depth, depth_single, guidance 0|1).
+   */
   config: Record<string, number>;
   /** The device buffer type the packed layout is for ("CPU", "CUDA0"). */
   layout: string;
@@ -348,6 +351,46 @@ export interface NativeSegmentMeasure {
   flops: number;
 }
 
+/** A weight an architecture expects. */
+export interface NativeWeightSpec {
+  /** Its name in the file (without any prefix the file adds). */
+  name: string;
+  /** Row-major (PyTorch/safetensors order). */
+  shape: number[];
+  /** A matrix a matmul reads (any ggml weight type); else a vector (f32, f16 or bf16). */
+  matrix: boolean;
+}
+
+export interface NativeSegmentSpec {
+  name: string;
+  kind: string;
+  /** In the order the segment's graph takes them. */
+  weights: NativeWeightSpec[];
+}
+
+export type NativeActivationRole =
+  "input" | "latent" | "output" | "state" | "stepInput" | "jobState";
+
+/** A tensor a job keeps on the device; "input" and "latent" ones may come with the request. */
+export interface NativeActivationSpec {
+  name: string;
+  role: NativeActivationRole;
+  /** Row-major, float32. */
+  shape: number[];
+}
+
+/** An architecture's layout, from its configuration alone. */
+export interface NativeArchLayout {
+  arch: string;
+  description: string;
+  /** The configuration as the architecture reads it (derived values added: FLUX's heads). */
+  config: Record<string, number>;
+  /** Base segments in execution order. */
+  segments: NativeSegmentSpec[];
+  /** The job's activations, when describeArch was given a job. */
+  activations?: NativeActivationSpec[];
+}
+
 /** A ggml type as this build's ggml has it. */
 export interface NativeGgmlType {
   id: number;
@@ -390,6 +433,16 @@ export interface NativeAddon {
     config: Record<string, number>,
     job: NativeJobShape,
   ): Promise<NativeSegmentMeasure[]>;
+  /**
+   * An architecture's layout from its configuration ("ferry-dit": hidden, heads, channels,
+   * blocks; "flux": hidden, depth, depth_single, guidance 0|1): base segments with their weights
+   * and, given a job, its activations. Throws InvalidArgumentError for a bad configuration or job.
+   */
+  describeArch(
+    arch: string,
+    config: Record<string, number>,
+    job?: NativeJobShape,
+  ): NativeArchLayout;
   /** `values` (whole rows of `rowLength`) quantized to ggml type `type` by ggml's own quantizer. */
   quantize(type: string, values: Float32Array, rowLength: number): Uint8Array;
   /** ggml's type table, as this build has it. */

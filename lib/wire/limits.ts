@@ -12,6 +12,12 @@ export const GRPC_MESSAGE_LIMIT = 256 * 1024 * 1024;
 /** A job's output tensor (B·T·C float32) may be at most this big, so its result fits a message. */
 export const MAX_OUTPUT_BYTES = 64 * 1024 * 1024;
 
+/**
+ * A job's input tensors together (FLUX.1's txt at 1024×1024 is 8 MiB a sample); absent inputs are
+ * generated from the seed instead.
+ */
+export const MAX_INPUT_BYTES = 128 * 1024 * 1024;
+
 /** Sampler steps of one job. */
 export const MAX_STEPS = 1_000_000;
 /** Batch size B. */

@@ -479,8 +479,10 @@ void arch_from_configuration() {
   CHECK(acts[1].name == "x" && acts[1].ne[0] == 64 && acts[1].role == ActivationSpec::Role::kState);
   CHECK(acts[2].name == "y" && acts[2].role == ActivationSpec::Role::kOutput);
   CHECK(arch_from_config("dit", arch->config())->describe() == arch->describe());
+  CHECK_THROWS(InvalidArgumentError, arch_from_config("sd3", arch->config()),
+               "unknown architecture \"sd3\" (known: ferry-dit, flux)");
   CHECK_THROWS(InvalidArgumentError, arch_from_config("flux", arch->config()),
-               "unknown architecture \"flux\"");
+               "flux: the configuration lacks \"depth\"");
   CHECK_THROWS(InvalidArgumentError,
                arch_from_config("ferry-dit", {{"hidden", 64}, {"heads", 4}, {"channels", 16}}),
                "the configuration lacks \"blocks\"");

@@ -9,6 +9,7 @@ import {
   type ConnectResponse,
   type DeviceInfo,
   type Holdings,
+  type InputTensor,
   type LoadModelCommand,
   type RunJob,
   type StepStats,
@@ -109,6 +110,25 @@ function jobOption<T extends string>(
     });
   }
   return value as T;
+}
+
+/**
+ * A job's input tensors by name as float32 (copied: request bytes need not be aligned). The
+ * scheduler checked names and shapes against the model; the native run checks the sizes again.
+ */
+function inputsOf(inputs: readonly InputTensor[]): Record<string, Float32Array> {
+  const out: Record<string, Float32Array> = {};
+  for (const input of inputs) {
+    if (input.data.length % 4 !== 0) {
+      throw Object.assign(new Error(`input "${input.name}" is not whole float32 values`), {
+        name: "InvalidArgumentError",
+      });
+    }
+    const values = new Float32Array(input.data.length / 4);
+    new Uint8Array(values.buffer).set(input.data);
+    out[input.name] = values;
+  }
+  return out;
 }
 
 /**
@@ -366,6 +386,7 @@ export class Executor {
         const run = this.addon.startRun(this.device, model, {
           batch: 1,
           tokens: command.warmUpTokens || 64,
+          contextTokens: command.warmUpContextTokens,
           steps: 1,
           seed: 0,
           segments: plan.segments.map((segment) => ({
@@ -468,8 +489,12 @@ export class Executor {
         {
           batch: spec.batch || 1,
           tokens: spec.tokens || 64,
+          contextTokens: spec.contextTokens,
           steps: spec.steps,
           seed: spec.seed,
+          guidance: spec.guidance,
+          shift: spec.shift,
+          inputs: inputsOf(spec.inputs),
           segments: plan.segments.map((segment) => ({
             firstBase: segment.firstBase,
             lastBase: segment.lastBase,

@@ -143,7 +143,11 @@ export class Job implements JobRow {
     return {
       jobId: this.id,
       state: this.state,
-      spec: this.spec,
+      // Inputs by name and shape only: a listing must not repeat every job's tensors.
+      spec: {
+        ...this.spec,
+        inputs: this.spec.inputs.map((t) => ({ ...t, data: Buffer.alloc(0) })),
+      },
       priority: this.priority,
       idempotencyKey: this.idempotencyKey,
       executorId: this.executorId,

@@ -26,6 +26,7 @@ import type { ModelProfile } from "../../lib/model/profile";
 import { MAX_MODEL_REF_LENGTH } from "../../lib/wire/limits";
 import { StatusError } from "../../lib/wire/statusError";
 import { checkString, quote } from "../../lib/wire/validate";
+import { isFluxHeader } from "../../lib/model/flux";
 
 const MODEL_EXTENSIONS = [".safetensors", ".gguf"];
 /** A scan stops descending this deep and after this many directory entries. */
@@ -174,9 +175,17 @@ export class ModelRepository {
     return entry.header!;
   }
 
-  /** The model's base segments for a job of `batch` × `tokens` (ModelFormatError if not a DiT). */
-  async profile(model: ResolvedModel, batch: number, tokens: number): Promise<ModelProfile> {
-    return modelProfileFromHeader(await this.header(model), { batch, tokens });
+  /**
+   * The model's base segments for a job of `batch` × `tokens` (FLUX: image tokens, with
+   * `contextTokens` text tokens); ModelFormatError if no known architecture.
+   */
+  async profile(
+    model: ResolvedModel,
+    batch: number,
+    tokens: number,
+    contextTokens = 0,
+  ): Promise<ModelProfile> {
+    return modelProfileFromHeader(await this.header(model), { batch, tokens, contextTokens });
   }
 
   /** Every model file in the repository, by directory order then path. */
@@ -253,14 +262,15 @@ export class ModelRepository {
       info.dtype = dtypes.size === 1 ? [...dtypes][0] : dtypes.size === 0 ? "" : "mixed";
       info.paramBytes = header.tensors.reduce((sum, t) => sum + t.bytes, 0);
       if (header.ditConfig) info.architecture = "ferry-dit";
+      else if (header.fluxModel || isFluxHeader(header)) info.architecture = "flux";
       else {
         info.architecture =
           header.format === "gguf"
             ? (header.metadata["general.architecture"] ?? "")
             : (header.metadata["ferry.arch"] ?? "");
-        info.error = "not a Ferry DiT model (Ferry runs ferry-dit models)";
+        info.error = "not a model Ferry runs (Ferry runs ferry-dit models and FLUX.1 transformers)";
       }
-      if (info.architecture === "ferry-dit") {
+      if (info.architecture === "ferry-dit" || info.architecture === "flux") {
         try {
           // Awaited: on the ggml native layer, profiles are measured by the addon, asynchronously.
           await modelProfileFromHeader(header, { batch: 1, tokens: 1 });

@@ -34,7 +34,16 @@ import {
   MAX_VRAM_GIB,
   DEFAULT_PAGE_SIZE,
 } from "../../lib/wire/limits";
+
+/** |guidance|: FLUX.1-dev is run at 1–10; anything far outside is a mistake. */
+const MAX_GUIDANCE = 1000;
 import { checkDecoded } from "../../lib/wire/decoding";
+import {
+  checkInputBytes,
+  checkJobInputs,
+  jobInputSpecs,
+  resolvedContextTokens,
+} from "../../lib/model/jobInputs";
 import { boundSteps } from "../../lib/wire/stepHistory";
 import { SchedulerMetrics } from "./schedulerMetrics";
 import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
@@ -500,6 +509,15 @@ export class Scheduler {
     checkChoice("params backend", spec.paramsBackend, ["cpu", "disk"]);
     checkChoice("load mode", spec.load, ["lazy", "eager", "background"]);
     checkString("executor_id", spec.executorId, MAX_ID_LENGTH, ID_PATTERN);
+    checkInteger("context_tokens", spec.contextTokens, 0, MAX_TOKENS);
+    if (spec.guidance !== undefined) {
+      checkNumber("guidance", spec.guidance, -MAX_GUIDANCE, MAX_GUIDANCE);
+    }
+    try {
+      checkInputBytes(spec.inputs);
+    } catch (error) {
+      throw new StatusError(status.INVALID_ARGUMENT, (error as Error).message);
+    }
     return {
       ...spec,
       policy,
@@ -525,15 +543,20 @@ export class Scheduler {
     const models = this.requireModels();
     const model = await models.resolve(spec.modelPath);
     const header = await models.header(model);
-    const profile = await models.profile(model, spec.batch, spec.tokens);
-    const channels = header.ditConfig?.channels ?? 0;
-    const outputBytes = spec.batch * spec.tokens * channels * 4;
+    // FLUX's text tokens default to 512; the executor runs the job with the resolved number.
+    spec.contextTokens = resolvedContextTokens(header, spec.contextTokens);
+    const job = { batch: spec.batch, tokens: spec.tokens, contextTokens: spec.contextTokens };
+    const inputs = jobInputSpecs(header, job);
+    const latent = inputs.find((input) => input.role === "latent");
+    const outputBytes = 4 * (latent?.shape.reduce((a, b) => a * b, 1) ?? 0);
     if (outputBytes > MAX_OUTPUT_BYTES) {
       throw new StatusError(
         status.INVALID_ARGUMENT,
-        `the output would be ${outputBytes} bytes (batch ${spec.batch} × tokens ${spec.tokens} × channels ${channels} × 4); at most ${MAX_OUTPUT_BYTES}`,
+        `the output would be ${outputBytes} bytes (float32 [${latent!.shape.join(", ")}]); at most ${MAX_OUTPUT_BYTES}`,
       );
     }
+    checkJobInputs(inputs, spec.inputs);
+    const profile = await models.profile(model, spec.batch, spec.tokens, spec.contextTokens);
     return { model, profile };
   }
 
@@ -1208,8 +1231,13 @@ export class Scheduler {
       paramsBackend: "cpu",
       load: "eager",
       verify: false,
+      contextTokens: 0,
+      guidance: undefined,
+      shift: false,
+      inputs: [],
     });
-    const profile = await models.profile(model, spec.batch, spec.tokens);
+    spec.contextTokens = resolvedContextTokens(await models.header(model), 0);
+    const profile = await models.profile(model, spec.batch, spec.tokens, spec.contextTokens);
     const probe = { spec, profile, model } as Job;
     let entry: ExecutorEntry | undefined;
     if (executorId) {
@@ -1238,7 +1266,13 @@ export class Scheduler {
       target,
       (commandId) => ({
         $case: "loadModel",
-        value: { commandId, modelPath: model.path, warmUp, warmUpTokens: spec.tokens },
+        value: {
+          commandId,
+          modelPath: model.path,
+          warmUp,
+          warmUpTokens: spec.tokens,
+          warmUpContextTokens: spec.contextTokens,
+        },
       }),
       true,
     );

@@ -96,6 +96,13 @@ class ModelArch {
   virtual std::map<std::string, double> config() const = 0;
   // Base segments in execution order.
   virtual const std::vector<SegmentSpec>& segments() const = 0;
+  // Whether a tensor of the file is this architecture's: binding fails on one it owns but no
+  // segment binds. A FLUX checkpoint under `model.diffusion_model.` may also hold a VAE and text
+  // encoders, which are not the transformer's and are ignored.
+  virtual bool owns_tensor(const std::string& name) const {
+    (void)name;
+    return true;
+  }
   // InvalidArgumentError naming the problem when a job of this shape cannot run.
   virtual void check_job(const JobShape& job) const = 0;
   virtual std::vector<ActivationSpec> activations(const JobShape& job) const = 0;
@@ -124,7 +131,8 @@ class ModelArch {
 // configuration read from the file. ModelFormatError naming the file and what does not fit.
 std::unique_ptr<ModelArch> arch_for_file(const ModelFile& file);
 // An architecture from a configuration alone, for planning without the weights:
-// arch "ferry-dit" with config {hidden, heads, channels, blocks}. InvalidArgumentError.
+// "ferry-dit" with config {hidden, heads, channels, blocks}; "flux" with {hidden, depth,
+// depth_single, guidance (0 or 1)}. InvalidArgumentError.
 std::unique_ptr<ModelArch> arch_from_config(const std::string& arch,
                                             const std::map<std::string, double>& config);
 

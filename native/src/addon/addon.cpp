@@ -89,25 +89,109 @@ class MeasureWorker : public Napi::AsyncWorker {
   CapturedError error_;
 };
 
-Napi::Value measure_segments(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (!info[0].IsString()) throw_invalid_argument(env, "measureSegments: arch must be a string");
-  Napi::Object config_object = object_arg(info[1], "measureSegments config");
+std::map<std::string, double> config_arg(Napi::Env env, const Napi::Value& value,
+                                         const std::string& where) {
+  Napi::Object config_object = object_arg(value, where);
   std::map<std::string, double> config;
   Napi::Array keys = config_object.GetPropertyNames();
   for (uint32_t i = 0; i < keys.Length(); i++) {
     const std::string key = keys.Get(i).As<Napi::String>().Utf8Value();
     Napi::Value v = config_object.Get(key);
-    if (!v.IsNumber()) {
-      throw_invalid_argument(env, "measureSegments config." + key + " must be a number");
-    }
+    if (!v.IsNumber()) throw_invalid_argument(env, where + "." + key + " must be a number");
     config[key] = v.As<Napi::Number>().DoubleValue();
   }
+  return config;
+}
+
+Napi::Value measure_segments(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw_invalid_argument(env, "measureSegments: arch must be a string");
+  auto config = config_arg(env, info[1], "measureSegments config");
   auto* worker = new MeasureWorker(env, info[0].As<Napi::String>().Utf8Value(), std::move(config),
                                    job_arg(info[2], "measureSegments job"));
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;
+}
+
+Napi::Array row_major(Napi::Env env, const int64_t* ne, int n_dims) {
+  Napi::Array shape = Napi::Array::New(env, static_cast<size_t>(n_dims));
+  for (int d = 0; d < n_dims; d++) {
+    shape.Set(static_cast<uint32_t>(d), Napi::Number::New(env, double(ne[n_dims - 1 - d])));
+  }
+  return shape;
+}
+
+const char* role_name(ActivationSpec::Role role) {
+  switch (role) {
+    case ActivationSpec::Role::kInput:
+      return "input";
+    case ActivationSpec::Role::kLatent:
+      return "latent";
+    case ActivationSpec::Role::kOutput:
+      return "output";
+    case ActivationSpec::Role::kState:
+      return "state";
+    case ActivationSpec::Role::kStepInput:
+      return "stepInput";
+    case ActivationSpec::Role::kJobState:
+      return "jobState";
+  }
+  return "state";
+}
+
+// describeArch(arch, config, job?): an architecture's layout from its configuration — each base
+// segment's weights (names, row-major shapes) and, for a job, its activations — the one source
+// of these facts for TypeScript (gen-model, the header-only planner, request checks).
+Napi::Value describe_arch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw_invalid_argument(env, "describeArch: arch must be a string");
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  const auto config = config_arg(env, info[1], "describeArch config");
+  const bool with_job = info.Length() > 2 && !info[2].IsUndefined();
+  const JobShape job = with_job ? job_arg(info[2], "describeArch job") : JobShape{};
+  return guarded(env, [&] {
+    const auto arch = arch_from_config(name, config);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("arch", arch->name());
+    out.Set("description", arch->describe());
+    Napi::Object cfg = Napi::Object::New(env);
+    for (const auto& [key, value] : arch->config()) cfg.Set(key, value);
+    out.Set("config", cfg);
+    Napi::Array segments = Napi::Array::New(env, arch->segments().size());
+    for (size_t i = 0; i < arch->segments().size(); i++) {
+      const SegmentSpec& spec = arch->segments()[i];
+      Napi::Object seg = Napi::Object::New(env);
+      seg.Set("name", spec.name);
+      seg.Set("kind", spec.kind);
+      Napi::Array weights = Napi::Array::New(env, spec.weights.size());
+      for (size_t k = 0; k < spec.weights.size(); k++) {
+        const WeightSpec& w = spec.weights[k];
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("name", w.name);
+        o.Set("shape", row_major(env, w.ne, w.n_dims));
+        o.Set("matrix", w.matrix);
+        weights.Set(static_cast<uint32_t>(k), o);
+      }
+      seg.Set("weights", weights);
+      segments.Set(static_cast<uint32_t>(i), seg);
+    }
+    out.Set("segments", segments);
+    if (with_job) {
+      arch->check_job(job);
+      const auto specs = arch->activations(job);
+      Napi::Array acts = Napi::Array::New(env, specs.size());
+      for (size_t i = 0; i < specs.size(); i++) {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("name", specs[i].name);
+        o.Set("role", role_name(specs[i].role));
+        o.Set("shape", row_major(env, specs[i].ne, specs[i].n_dims));
+        acts.Set(static_cast<uint32_t>(i), o);
+      }
+      out.Set("activations", acts);
+    }
+    return out;
+  });
 }
 
 ggml_type type_arg(Napi::Env env, const Napi::Value& value, const std::string& where) {
@@ -208,6 +292,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("Model", model_class);
   exports.Set("openModel", Napi::Function::New(env, open_model, "openModel"));
   exports.Set("measureSegments", Napi::Function::New(env, measure_segments, "measureSegments"));
+  exports.Set("describeArch", Napi::Function::New(env, describe_arch, "describeArch"));
   exports.Set("quantize", Napi::Function::New(env, quantize, "quantize"));
   exports.Set("ggmlTypes", Napi::Function::New(env, ggml_types, "ggmlTypes"));
   exports.Set("startRun", Napi::Function::New(env, start_run, "startRun"));

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <string>
 
+#include "arch_ops.h"
 #include "archs.h"
 #include "ferry/errors.h"
 #include "ferry/gguf.h"
@@ -20,6 +21,13 @@
 namespace ferry {
 
 namespace {
+
+using arch_ops::as_f32;
+using arch_ops::checked_product;
+using arch_ops::gelu_tanh;
+using arch_ops::linear;
+using arch_ops::mat;
+using arch_ops::vec;
 
 constexpr float kRmsNormEps = 1e-6f;
 const char* const kSafetensorsArchKey = "ferry.arch";
@@ -32,56 +40,8 @@ struct DitConfig {
   int64_t blocks = 0;    // N
 };
 
-WeightSpec vec(std::string name, int64_t n) {
-  WeightSpec w;
-  w.name = std::move(name);
-  w.n_dims = 1;
-  w.ne[0] = n;
-  return w;
-}
-
-// A Linear weight [out, in]: ne {in, out}.
-WeightSpec mat(std::string name, int64_t out, int64_t in) {
-  WeightSpec w;
-  w.name = std::move(name);
-  w.n_dims = 2;
-  w.ne[0] = in;
-  w.ne[1] = out;
-  w.matrix = true;
-  return w;
-}
-
-ggml_tensor* as_f32(ggml_context* ctx, ggml_tensor* t) {
-  return t->type == GGML_TYPE_F32 ? t : ggml_cast(ctx, t, GGML_TYPE_F32);
-}
-
-// y = x·Wᵀ + b
-ggml_tensor* linear(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w, ggml_tensor* b) {
-  return ggml_add(ctx, ggml_mul_mat(ctx, w, x), as_f32(ctx, b));
-}
-
-// 0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))), from exact ops: ggml_gelu reads a float16
-// table on the CPU, which would make the model's output depend on float16 rounding.
-ggml_tensor* gelu_tanh(ggml_context* ctx, ggml_tensor* x) {
-  constexpr float kSqrt2OverPi = 0.79788456080286535588f;
-  ggml_tensor* inner = ggml_mul(ctx, x, ggml_scale_bias(ctx, ggml_sqr(ctx, x), 0.044715f, 1.0f));
-  ggml_tensor* t = ggml_tanh(ctx, ggml_scale(ctx, inner, kSqrt2OverPi));
-  return ggml_mul(ctx, x, ggml_scale_bias(ctx, t, 0.5f, 0.5f));
-}
-
 ggml_tensor* rms_norm(ggml_context* ctx, ggml_tensor* x, ggml_tensor* w) {
   return ggml_mul(ctx, ggml_rms_norm(ctx, x, kRmsNormEps), as_f32(ctx, w));
-}
-
-uint64_t checked_product(std::initializer_list<int64_t> factors, const char* what) {
-  unsigned __int128 p = 1;
-  for (int64_t f : factors) {
-    p *= static_cast<uint64_t>(f);
-    if (p > (static_cast<unsigned __int128>(1) << 60)) {
-      throw InvalidArgumentError(std::string("run: ") + what + " is too large");
-    }
-  }
-  return static_cast<uint64_t>(p);
 }
 
 class FerryDit final : public ModelArch {

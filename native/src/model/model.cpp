@@ -183,11 +183,13 @@ void Model::bind_segments(ggml_backend_buffer_type_t layout) {
     segments_.push_back(std::move(seg));
   }
 
-  if (used.size() != f.tensors().size()) {
+  size_t owned = 0;
+  for (const auto& t : f.tensors()) owned += arch_->owns_tensor(t.name) ? 1 : 0;
+  if (used.size() != owned) {
     std::string extra;
     size_t count = 0;
     for (const auto& t : f.tensors()) {
-      if (used.count(t.name)) continue;
+      if (used.count(t.name) || !arch_->owns_tensor(t.name)) continue;
       if (count < 5) extra += (count ? ", \"" : "\"") + t.name + "\"";
       count++;
     }
