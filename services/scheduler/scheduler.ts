@@ -657,7 +657,9 @@ export class Scheduler {
           idle: now !== undefined,
           warm: entry.isWarm(job.spec.modelPath),
           availableInS: now ? 0 : this.remainingS(entry) + (extraWaitS.get(entry.id) ?? 0),
-          runS: estimate.runS,
+          // Jobs sharing a device take turns computing on it: beside n others, a run stretches
+          // about (n + 1)-fold.
+          runS: now ? estimate.runS * (1 + entry.running.size) : estimate.runS,
           coldLoadS: (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9),
         },
       });
