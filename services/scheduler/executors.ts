@@ -9,6 +9,7 @@ import {
   type Plan,
   type StepStats,
 } from "../../gen/ferry/v1/scheduler";
+import { STREAM_MARGIN_BYTES } from "../../lib/planner/budget";
 import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
 import { ferryMemory } from "../../lib/planner/ferryPolicy";
 import type { DeviceProfile } from "../../lib/planner/types";
@@ -209,10 +210,11 @@ export class ExecutorEntry {
 /**
  * What a running job's plan claims of its executor's budget: a Ferry plan, the memory it holds
  * (resident weights + staging slots + working buffers, ferryMemory); an sd.cpp plan allocates
- * per segment up to its effective budget E, so E.
+ * per segment up to its effective budget E, and when streaming counts on sd.cpp's 512 MiB of
+ * headroom beside it, so E plus that headroom.
  */
 export function planClaimBytes(plan: Plan): number {
-  if (plan.policy !== "ferry") return plan.budgetE;
+  if (plan.policy !== "ferry") return plan.budgetE + (plan.stream ? STREAM_MARGIN_BYTES : 0);
   const figures = plan.segments.map((segment) => ({
     param_bytes: segment.paramBytes,
     compute_buffer_bytes: segment.computeBufferBytes,
