@@ -450,11 +450,12 @@ describe("native addon", () => {
         }
         first.cancel();
       });
+      const firstDone = rejection(first.done);
       // A second job shares the device, with the output it has alone.
       const second = await addon.startRun(device, model, request(1)).done;
       expect(Buffer.from(second.output.buffer).equals(Buffer.from(alone.output.buffer))).toBe(true);
 
-      const cancelled = await rejection(first.done);
+      const cancelled = await firstDone;
       expect((busy as Error).name).toBe("DeviceBusyError");
       expect(mapNativeError(busy)).toBeInstanceOf(DeviceBusyError);
       expect(cancelled.name).toBe("CancelledError");
