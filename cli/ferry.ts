@@ -2,6 +2,7 @@
 import { Command } from "commander";
 import { ferryVersion } from "../lib/packageInfo";
 import * as bench from "./commands/bench";
+import * as budget from "./commands/budget";
 import * as demo from "./commands/demo";
 import * as executor from "./commands/executor";
 import * as genModel from "./commands/genModel";
@@ -27,6 +28,7 @@ export function buildProgram(): Command {
     run,
     jobs,
     models,
+    budget,
     plan,
     genModel,
     inspect,

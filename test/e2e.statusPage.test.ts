@@ -64,7 +64,9 @@ describe.skipIf(skip)("the status page in a real browser", () => {
     page = await startStatusPage(cluster.server.scheduler, { port: 0 });
     const done = await cluster.client.runJob(spec());
     finishedJob = done.jobId;
-    // One job running (far more steps than it will get to) and one queued behind it.
+    // One job running (far more steps than it will get to) and one queued behind it: the budget
+    // fits one such job (0.7 MiB plus sd.cpp's 512 MiB headroom), not two side by side.
+    await cluster.client.setBudget("status-gpu0", 513 * 1024 * 1024);
     runningJob = (await cluster.client.submitJob(spec({ steps: 1_000_000 }))).jobId;
     queuedJob = (await cluster.client.submitJob(spec())).jobId;
     browser = await chromium.launch({

@@ -170,13 +170,26 @@ describe("native addon", () => {
       linkGbps: 8,
       threads: 2,
       peakCopyGbps: 0,
+      budgetBytes: 1 << 20,
+      runningJobs: 0,
     });
     expect(device.stats()).toMatchObject({
       allocations: 0,
       inUseBytes: 0,
       peakBytes: 0,
       busy: false,
+      budgetBytes: 1 << 20,
     });
+    // A lower budget is refused past (and reported); out of range is an InvalidArgumentError.
+    expect(device.setBudget(1 << 19)).toEqual({
+      budgetBytes: 1 << 19,
+      inUseBytes: 0,
+      evictedBytes: 0,
+      overBytes: 0,
+    });
+    expect(device.info()).toMatchObject({ budgetBytes: 1 << 19, freeBytes: 1 << 19 });
+    expect(() => device.setBudget(0)).toThrow(/bytes must be a number ≥ 1/);
+    expect(() => device.setBudget((1 << 20) + 4096)).toThrow(/between 1 byte and/);
     device.dispose();
     device.dispose();
     const error = (() => {
@@ -507,19 +520,31 @@ describe("native addon", () => {
       device.dispose();
     }, 120_000);
 
-    it("runs one job per device at a time, and cancels", async () => {
+    it("runs several jobs on one device, refuses what needs it idle meanwhile, and cancels", async () => {
       const device = new addon.CpuDevice({ capacityBytes: 64 << 20, linkGbps: 2, threads: 2 });
+      const alone = await addon.startRun(device, model, request(1)).done;
       let steps = 0;
+      let busy: unknown;
       const first = addon.startRun(device, model, request(50), () => {
         steps++;
+        if (steps === 1) {
+          // The copy-rate measurement needs the device free of jobs.
+          try {
+            device.measureCopyRate();
+          } catch (error) {
+            busy = error;
+          }
+        }
         first.cancel();
       });
-      const second = addon.startRun(device, model, request(1));
-      const busy = await rejection(second.done);
-      expect(busy.name).toBe("DeviceBusyError");
-      expect(mapNativeError(busy)).toBeInstanceOf(DeviceBusyError);
+      const firstDone = rejection(first.done);
+      // A second job shares the device, with the output it has alone.
+      const second = await addon.startRun(device, model, request(1)).done;
+      expect(Buffer.from(second.output.buffer).equals(Buffer.from(alone.output.buffer))).toBe(true);
 
-      const cancelled = await rejection(first.done);
+      const cancelled = await firstDone;
+      expect((busy as Error).name).toBe("DeviceBusyError");
+      expect(mapNativeError(busy)).toBeInstanceOf(DeviceBusyError);
       expect(cancelled.name).toBe("CancelledError");
       expect(mapNativeError(cancelled)).toBeInstanceOf(CancelledError);
       // Cancelled at a segment boundary soon after the first report (how soon is not asserted).

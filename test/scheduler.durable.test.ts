@@ -100,6 +100,10 @@ describe("durable jobs across scheduler restarts", () => {
   it("keeps queued jobs queued and running jobs running across a SIGTERM and a SIGKILL", async () => {
     const executor = startExecutor();
     await waitForExecutors(client, 1, logs);
+    // A budget one such job fills (its 0.2 MiB plus sd.cpp's 512 MiB headroom, 0.1 MiB to
+    // spare), so the second waits rather than running beside it. The executor keeps it across
+    // the scheduler's restarts.
+    await client.setBudget("gpu0", 512 * 1024 * 1024 + 300 * 1024);
     const running = await client.submitJob(spec(), { idempotencyKey: "first" });
     const queued = await client.submitJob(spec({ steps: 3, seed: 1 }), {
       idempotencyKey: "second",

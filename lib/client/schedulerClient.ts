@@ -9,6 +9,7 @@ import {
   type JobResult,
   type JobSpec,
   type ListExecutorsResponse,
+  type SetBudgetResponse,
   type ListJobsResponse,
   type LoadModelResponse,
   type ModelInfo,
@@ -185,6 +186,21 @@ export class SchedulerClient {
         this.callOptions(),
         (error, response) =>
           error ? reject(fromServiceError(error)) : resolveCall(response.executorIds),
+      ),
+    );
+  }
+
+  /**
+   * Sets an executor's device memory budget: idle models' cached weights over it are evicted at
+   * once, and its running jobs swap to plans that fit at their next step boundary.
+   */
+  setBudget(executorId: string, budgetBytes: number): Promise<SetBudgetResponse> {
+    return new Promise((resolveCall, reject) =>
+      this.client.setBudget(
+        { executorId, budgetBytes },
+        new Metadata(),
+        this.callOptions(),
+        (error, response) => (error ? reject(fromServiceError(error)) : resolveCall(response)),
       ),
     );
   }

@@ -49,6 +49,10 @@ export interface NativeDeviceInfoBase {
   freeBytes: number;
   /** The copy stream's host→device rate from the last `measureCopyRate()`, GB/s; 0 = not measured. */
   peakCopyGbps: number;
+  /** What all runs and cached weights may hold together (`setBudget`; `totalBytes` unless lowered). */
+  budgetBytes: number;
+  /** Runs holding the device now (several share it; the memory arbiter admits each). */
+  runningJobs: number;
 }
 
 export interface NativeCpuDeviceInfo extends NativeDeviceInfoBase {
@@ -80,9 +84,26 @@ export interface NativeDeviceStats {
   residentCacheEntries: number;
   /** A run holds the device. */
   busy: boolean;
+  /** The budget allocations are refused past. */
+  budgetBytes: number;
 }
 
-/** A device (opaque). It runs one job at a time. */
+/** What `setBudget` did. */
+export interface NativeBudgetChange {
+  budgetBytes: number;
+  /** In use after idle models' cached weights over the budget were evicted. */
+  inUseBytes: number;
+  evictedBytes: number;
+  /** Still in use beyond the budget: running jobs hold it until their plans shrink or they end. */
+  overBytes: number;
+}
+
+/**
+ * A device (opaque). Several runs may share it, each on its own thread: their computes take
+ * turns, and each takes all of its memory at its start under the budget (cached weights of idle
+ * models are evicted least recently used first; DeviceOutOfMemoryError names what it needed and
+ * what was left when it still does not fit).
+ */
 export interface NativeDevice<Info extends NativeDeviceInfoBase = NativeCpuDeviceInfo> {
   info(): Info;
   stats(): NativeDeviceStats;
@@ -95,6 +116,12 @@ export interface NativeDevice<Info extends NativeDeviceInfoBase = NativeCpuDevic
   measureCopyRate(bytes?: number): number;
   /** Frees the resident weights kept from earlier jobs (those a running job holds stay). */
   clearResidency(): void;
+  /**
+   * Sets the budget (1 byte .. `totalBytes`; InvalidArgumentError otherwise), evicts idle cached
+   * weights until what is in use fits it, and starts a new high-water mark (`stats().peakBytes`).
+   * Running jobs keep what they hold until they end or take a plan that fits (`swapPlan`).
+   */
+  setBudget(bytes: number): NativeBudgetChange;
   /**
    * Frees the device. A run in progress keeps it alive until the run ends; any later call on
    * this handle throws `InvalidArgumentError`. Idempotent.
@@ -326,6 +353,13 @@ export interface NativeRun {
   done: Promise<NativeRunOutput>;
   /** Asks the run to stop at its next segment boundary; `done` then rejects with CancelledError. */
   cancel(): void;
+  /**
+   * Hands a pooled run a new plan, taken at its next step boundary (its copies drain, its slots
+   * and resident holds go back, the new plan's buffers are taken under the budget); the output is
+   * unchanged. A later call replaces one not yet taken; serial and lookahead runs ignore it. A
+   * plan that does not cover the model fails the run there.
+   */
+  swapPlan(plan: { segments: NativeRunRequest["segments"]; slots: number }): void;
 }
 
 /** The sizes of a job, for measureSegments. */

@@ -327,22 +327,59 @@ void device_rejects_bad_options() {
   CHECK(all_cores.threads() >= 1);
 }
 
-void one_job_at_a_time() {
+// Jobs share a device; the copy-rate measurement needs it free of them, and excludes them.
+void jobs_share_the_device() {
   CpuDevice device({1 << 20, 0, 1});
   {
     DeviceLease lease(device);
     CHECK(device.busy());
-    CHECK_THROWS(DeviceBusyError, DeviceLease second(device), "already running a job");
+    DeviceLease second(device);
+    CHECK_EQ(device.jobs(), 2);
+    CHECK_THROWS(DeviceBusyError, DeviceLease exclusive(device, true), "already running a job");
     DeviceLease moved = std::move(lease);
-    CHECK(device.busy());
+    CHECK_EQ(device.jobs(), 2);
     CHECK(!lease && moved);
     CHECK(&moved.device() == &device);
   }
   CHECK(!device.busy());
+  {
+    DeviceLease exclusive(device, true);
+    CHECK(device.busy());
+    CHECK_THROWS(DeviceBusyError, DeviceLease job(device), "held exclusively");
+  }
   DeviceLease again(device);
   CHECK(again);
   DeviceLease empty;
   CHECK_THROWS(InvalidArgumentError, empty.device(), "no device held");
+}
+
+// A limit below the capacity (the budget) is refused past like the capacity, may be lowered
+// under allocations already made, and a new high-water mark starts at what is in use.
+void limit_and_peak() {
+  Arena arena(8192, "test");
+  CHECK_EQ(arena.limit(), size_t{8192});
+  CHECK_EQ(arena.stats().limit_bytes, size_t{8192});
+  void* a = arena.allocate(2048);
+  arena.set_limit(4096);
+  CHECK_EQ(arena.free_bytes(), size_t{2048});
+  void* b = arena.allocate(2048);
+  CHECK_THROWS(DeviceOutOfMemoryError, arena.allocate(256), "of 4096 bytes (the budget");
+  CHECK_EQ(arena.stats().peak_bytes, size_t{4096});
+  arena.set_limit(1024);  // below what is in use: nothing is taken back
+  CHECK_EQ(arena.free_bytes(), size_t{0});
+  CHECK_EQ(arena.stats().in_use_bytes, size_t{4096});
+  CHECK(arena.release(b));
+  arena.reset_peak();
+  CHECK_EQ(arena.stats().peak_bytes, size_t{2048});
+  CHECK_THROWS(DeviceOutOfMemoryError, arena.allocate(256), "requested 256 bytes");
+  CHECK_THROWS(InvalidArgumentError, arena.set_limit(0), "between 1 byte and");
+  CHECK_THROWS(InvalidArgumentError, arena.set_limit(8193), "between 1 byte and");
+  arena.set_limit(8192);
+  void* c = arena.allocate(4096);
+  CHECK_EQ(arena.stats().peak_bytes, size_t{6144});
+  CHECK(arena.release(a));
+  CHECK(arena.release(c));
+  CHECK_EQ(arena.free_bytes(), size_t{8192});
 }
 
 // The DiT's sampler on the device: z ← z − (1/S)·y, computed by ggml (the old
@@ -401,7 +438,8 @@ int main() {
       {"paced_copy_waits_for_its_event", paced_copy_waits_for_its_event},
       {"place_tensors", place_tensors},
       {"device_rejects_bad_options", device_rejects_bad_options},
-      {"one_job_at_a_time", one_job_at_a_time},
+      {"jobs_share_the_device", jobs_share_the_device},
+      {"limit_and_peak", limit_and_peak},
       {"euler_drift_update", euler_drift_update},
   });
 }

@@ -12,6 +12,7 @@ import {
   type InputTensor,
   type LoadModelCommand,
   type RunJob,
+  type SetBudgetCommand,
   type StepStats,
   type UnloadModelCommand,
 } from "../../gen/ferry/v1/scheduler";
@@ -133,7 +134,9 @@ function inputsOf(inputs: readonly InputTensor[]): Record<string, Float32Array> 
 
 /**
  * An executor process's runtime: owns the native device, dials the scheduler's Connect stream,
- * registers, heartbeats, and runs the jobs it is sent (one at a time) in native code.
+ * registers, heartbeats, and runs the jobs it is sent in native code — several at once when the
+ * scheduler finds their plans fit the device's budget together (the device's memory arbiter
+ * admits each, evicting idle models' cached weights first).
  * If the scheduler goes away it keeps running its job, reconnects with backoff, registers again
  * with the same identity (id + this process's instance) and what it holds, and sends the
  * results the scheduler has not acknowledged.
@@ -152,7 +155,7 @@ export class Executor {
   private heartbeat: NodeJS.Timeout | undefined;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private reconnectDelayMs = 250;
-  private current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } | undefined;
+  private readonly runs = new Map<string, RunningJob>();
   private lifecycle: Lifecycle = "starting";
   private computeProbe: ComputeProbe | undefined;
   private metrics: ExecutorMetrics | undefined;
@@ -219,8 +222,9 @@ export class Executor {
         hostCacheBytes: warm.model.hostCacheBytes(),
         pinned: warm.pinned,
       })),
-      runningJobIds: this.current ? [this.current.jobId] : [],
+      runningJobIds: [...this.runs.keys()],
       heldResultJobIds: [...this.outbox.keys()],
+      budgetBytes: this.device.info().budgetBytes,
     };
   }
 
@@ -316,16 +320,47 @@ export class Executor {
       case "runJob":
         void this.runJob(body.value);
         break;
-      case "cancelRun":
-        if (this.current?.jobId === body.value.jobId) this.cancelCurrent();
+      case "cancelRun": {
+        const running = this.runs.get(body.value.jobId);
+        if (running) cancelRunning(running);
+        break;
+      }
+      case "setBudget":
+        this.setBudgetCommand(body.value);
         break;
     }
   }
 
-  private cancelCurrent(): void {
-    if (!this.current) return;
-    this.current.cancelled = true;
-    this.current.run?.cancel();
+  /**
+   * SetBudget: the device's budget first (idle cached weights over it are evicted at once), then
+   * each running job listed gets its new plan, which it takes at its next step boundary.
+   */
+  private setBudgetCommand(command: SetBudgetCommand): void {
+    try {
+      const change = this.device.setBudget(command.budgetBytes);
+      this.log(
+        `ferry executor ${this.id}: budget ${change.budgetBytes} bytes (${change.evictedBytes} bytes of idle weights evicted, ${change.overBytes} over it until running jobs re-plan)`,
+      );
+      for (const { jobId, plan } of command.plans) {
+        const running = this.runs.get(jobId);
+        if (!running?.run || !plan) continue;
+        running.run.swapPlan({
+          segments: plan.segments.map((segment) => ({
+            firstBase: segment.firstBase,
+            lastBase: segment.lastBase,
+            resident: segment.resident,
+          })),
+          slots: Math.max(1, plan.slots),
+        });
+      }
+      this.commandDone(command.commandId);
+    } catch (error) {
+      const status = toStatusError(mapNativeError(error), this.log);
+      this.commandDone(command.commandId, {
+        code: statusName(status.code),
+        message: status.message,
+      });
+    }
   }
 
   /**
@@ -379,7 +414,8 @@ export class Executor {
    */
   private async loadModelCommand(command: LoadModelCommand): Promise<void> {
     try {
-      if (this.current) throw new Error(`executor ${this.id} is running job ${this.current.jobId}`);
+      const busyWith = [...this.runs.keys()][0];
+      if (busyWith) throw new Error(`executor ${this.id} is running job ${busyWith}`);
       const model = await this.openModel(command.modelPath, true);
       const plan = command.warmUp;
       if (plan) {
@@ -445,19 +481,9 @@ export class Executor {
 
   private async runJob(request: RunJob): Promise<void> {
     const { jobId, spec, plan } = request;
-    if (this.current) {
-      this.sendResult(jobId, JobState.JOB_STATE_FAILED, {
-        code: "UNAVAILABLE",
-        message: `executor ${this.id} is busy with job ${this.current.jobId}`,
-      });
-      return;
-    }
-    const current: { jobId: string; run: NativeRun | undefined; cancelled: boolean } = {
-      jobId,
-      run: undefined,
-      cancelled: false,
-    };
-    this.current = current;
+    if (this.runs.has(jobId)) return; // a repeated RunJob for a job already running here
+    const current: RunningJob = { jobId, run: undefined, cancelled: false };
+    this.runs.set(jobId, current);
     const spans =
       this.options.stepSpans === false
         ? undefined
@@ -566,7 +592,7 @@ export class Executor {
         steps.omitted,
       );
     } finally {
-      if (this.current === current) this.current = undefined;
+      if (this.runs.get(jobId) === current) this.runs.delete(jobId);
     }
   }
 
@@ -582,18 +608,18 @@ export class Executor {
     );
   }
 
-  /** running → draining → stopped: finish (or after `graceMs`, cancel) the job, then dispose. */
+  /** running → draining → stopped: finish (or after `graceMs`, cancel) the jobs, then dispose. */
   async stop(graceMs = 5000): Promise<void> {
     if (this.lifecycle === "stopped" || this.lifecycle === "draining") return;
     this.lifecycle = "draining";
     clearTimeout(this.reconnectTimer);
     const deadline = Date.now() + graceMs;
-    while (this.current && Date.now() < deadline) {
+    while (this.runs.size > 0 && Date.now() < deadline) {
       await new Promise((resolveWait) => setTimeout(resolveWait, 20));
     }
-    if (this.current) {
-      this.cancelCurrent();
-      while (this.current) await new Promise((resolveWait) => setTimeout(resolveWait, 20));
+    if (this.runs.size > 0) {
+      for (const running of this.runs.values()) cancelRunning(running);
+      while (this.runs.size > 0) await new Promise((resolveWait) => setTimeout(resolveWait, 20));
     }
     clearInterval(this.heartbeat);
     this.stream?.end();
@@ -604,6 +630,18 @@ export class Executor {
     this.device.dispose();
     this.lifecycle = "stopped";
   }
+}
+
+/** A job running here: its native run once started, and whether it was asked to stop. */
+interface RunningJob {
+  jobId: string;
+  run: NativeRun | undefined;
+  cancelled: boolean;
+}
+
+function cancelRunning(running: RunningJob): void {
+  running.cancelled = true;
+  running.run?.cancel();
 }
 
 function stepStatsOf(report: NativeStepReport): StepStats {

@@ -6,9 +6,12 @@ import {
   type DeviceInfo,
   type ExecutorInfo,
   type Holdings,
+  type Plan,
   type StepStats,
 } from "../../gen/ferry/v1/scheduler";
+import { STREAM_MARGIN_BYTES } from "../../lib/planner/budget";
 import { calibrateDevice, type StepMeasurement } from "../../lib/planner/calibration";
+import { ferryMemory } from "../../lib/planner/ferryPolicy";
 import type { DeviceProfile } from "../../lib/planner/types";
 import type { Job } from "./jobs";
 import { deviceProfileOf } from "./planProto";
@@ -51,9 +54,15 @@ export class ExecutorEntry {
     models: [],
     runningJobIds: [],
     heldResultJobIds: [],
+    budgetBytes: 0,
   };
-  /** Jobs it runs (one at a time until the memory arbiter lets several share a device). */
+  /** Jobs it runs: several at once when their plans fit its budget together. */
   readonly running = new Set<Job>();
+  /**
+   * The device memory budget its jobs share: the device's memory until SetBudget lowers it (the
+   * executor reports the budget it applies, so a reconnect keeps it).
+   */
+  budgetBytes: number;
   /** Commands waiting for it, and the one it is carrying out. */
   readonly commands: ExecutorCommand[] = [];
   commandInFlight: ExecutorCommand | undefined;
@@ -67,6 +76,7 @@ export class ExecutorEntry {
     device: DeviceInfo,
   ) {
     this.device = device;
+    this.budgetBytes = device.totalBytes;
   }
 
   get connected(): boolean {
@@ -84,6 +94,36 @@ export class ExecutorEntry {
       !this.commandInFlight &&
       this.holdings.runningJobIds.length === 0
     );
+  }
+
+  /**
+   * Connected and carrying out no command, and every job it reports running is one the scheduler
+   * placed (one it is winding down after a cancel holds memory the scheduler cannot see): a job
+   * whose plan fits in what is left (`plannedDevice()`) can start now.
+   */
+  get canStart(): boolean {
+    if (!this.connected || this.commandInFlight) return false;
+    const placed = new Set([...this.running].map((job) => job.id));
+    return this.holdings.runningJobIds.every((id) => placed.has(id));
+  }
+
+  /** What the running jobs' plans claim of the budget. */
+  claimedBytes(except?: Job): number {
+    let claimed = 0;
+    for (const job of this.running) {
+      if (job !== except && job.plan) claimed += planClaimBytes(job.plan);
+    }
+    return claimed;
+  }
+
+  /**
+   * What a new plan may use: the budget less what the running jobs' plans claim; with none
+   * running, the budget or what the device reports free, whichever is less.
+   */
+  leftBytes(except?: Job): number {
+    const others = [...this.running].filter((job) => job !== except);
+    if (others.length === 0) return Math.min(this.budgetBytes, this.device.freeBytes);
+    return Math.max(0, this.budgetBytes - this.claimedBytes(except));
   }
 
   /** A job's result arrived: the executor no longer runs it, whatever its last report said. */
@@ -107,10 +147,16 @@ export class ExecutorEntry {
 
   /**
    * The device as plans should see it: the registered device with its rates (β, compute rate,
-   * δ) refined from this executor's measured steps, and its free memory as last reported.
+   * δ) refined from this executor's measured steps; its free memory is what is left of the budget
+   * beside the running jobs (`leftBytes`), or the whole budget with `whole` (for the wait-for-it
+   * estimate).
    */
-  plannedDevice(): DeviceProfile {
-    return calibrateDevice(deviceProfileOf(this.device), this.measurements).device;
+  plannedDevice(whole = false, except?: Job): DeviceProfile {
+    const free = whole
+      ? Math.min(this.budgetBytes, this.device.totalBytes)
+      : this.leftBytes(except);
+    return calibrateDevice({ ...deviceProfileOf(this.device), free_bytes: free }, this.measurements)
+      .device;
   }
 
   recordStep(stats: StepStats, segmentFlops: readonly number[]): void {
@@ -146,6 +192,9 @@ export class ExecutorEntry {
       },
       lastHeartbeatMs: this.lastSeenMs,
       runningJobId: [...this.running][0]?.id ?? "",
+      runningJobIds: [...this.running].map((job) => job.id),
+      budgetBytes: this.budgetBytes,
+      claimedBytes: this.claimedBytes(),
       warmModels: this.holdings.models.map((model) => nameOf(model.path)),
       state,
       usedBytes: this.holdings.usedBytes,
@@ -156,4 +205,23 @@ export class ExecutorEntry {
       queuedJobs: this.waitingJobs,
     };
   }
+}
+
+/**
+ * What a running job's plan claims of its executor's budget: a Ferry plan, the memory it holds
+ * (resident weights + staging slots + working buffers, ferryMemory); an sd.cpp plan allocates
+ * per segment up to its effective budget E, and when streaming counts on sd.cpp's 512 MiB of
+ * headroom beside it, so E plus that headroom.
+ */
+export function planClaimBytes(plan: Plan): number {
+  if (plan.policy !== "ferry") return plan.budgetE + (plan.stream ? STREAM_MARGIN_BYTES : 0);
+  const figures = plan.segments.map((segment) => ({
+    param_bytes: segment.paramBytes,
+    compute_buffer_bytes: segment.computeBufferBytes,
+    output_bytes: segment.outputBytes,
+    prev_cut_bytes: segment.prevCutBytes,
+    external_bytes: segment.externalBytes,
+    resident: segment.resident,
+  }));
+  return ferryMemory(figures, plan.slots).total_bytes;
 }

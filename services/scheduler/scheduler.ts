@@ -55,7 +55,12 @@ import {
   ID_PATTERN,
   quote,
 } from "../../lib/wire/validate";
-import { ExecutorEntry, type ExecutorCommand, type ExecutorStream } from "./executors";
+import {
+  ExecutorEntry,
+  planClaimBytes,
+  type ExecutorCommand,
+  type ExecutorStream,
+} from "./executors";
 import { Job, JobQueue, type ResolvedJobSpec } from "./jobs";
 import { JobStore, type JobRow } from "./jobStore";
 import { ModelRepository, type ResolvedModel } from "./modelRepository";
@@ -370,6 +375,7 @@ export class Scheduler {
       heldResultJobIds: holdings.heldResultJobIds.slice(0, 64),
     };
     entry.device = { ...entry.device, freeBytes: holdings.freeBytes };
+    if (holdings.budgetBytes > 0) entry.budgetBytes = holdings.budgetBytes;
   }
 
   private disconnect(entry: ExecutorEntry): void {
@@ -596,14 +602,18 @@ export class Scheduler {
     }
   }
 
-  private plan(job: Pick<Job, "spec" | "profile">, entry: ExecutorEntry): Estimate {
+  /**
+   * The plan a job gets on an executor: against what is left of its budget beside the jobs
+   * running there, or (`whole`) against all of it, as when the executor would be free.
+   */
+  private plan(job: Pick<Job, "spec" | "profile">, entry: ExecutorEntry, whole = false): Estimate {
     const options: PlanOptions = {
       policy: job.spec.policy as PolicyName,
       stream: !job.spec.noStream,
       maxVramGiB: job.spec.maxVramGib,
     };
     const profile = job.profile!;
-    const plan = planJob(profile, entry.plannedDevice(), options);
+    const plan = planJob(profile, entry.plannedDevice(whole), options);
     // FLOPs per merged segment: the compute side of the calibration samples this job yields.
     const segmentFlops = plan.segments.map((segment) =>
       profile.segments
@@ -620,14 +630,15 @@ export class Scheduler {
   }
 
   /** The plan a job would get on an executor, cached briefly; undefined when it cannot fit. */
-  private estimate(job: Job, entry: ExecutorEntry): Estimate | undefined {
+  private estimate(job: Job, entry: ExecutorEntry, whole = false): Estimate | undefined {
     const s = job.spec;
-    const key = `${entry.id}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
+    const free = whole ? entry.budgetBytes : entry.leftBytes();
+    const key = `${entry.id}|${free}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
     const cached = this.estimates.get(key);
     if (cached && Date.now() - cached.atMs < ESTIMATE_TTL_MS) return cached;
     let estimate: Estimate | undefined;
     try {
-      estimate = this.plan(job, entry);
+      estimate = this.plan(job, entry, whole);
     } catch {
       estimate = undefined;
     }
@@ -657,16 +668,21 @@ export class Scheduler {
     for (const entry of entries) {
       if (!entry.connected) continue;
       if (job.spec.executorId && job.spec.executorId !== entry.id) continue;
-      const estimate = this.estimate(job, entry);
+      // It starts now if a plan fits in what is left beside the running jobs; else it would wait
+      // for them, with a plan against the whole budget.
+      const now = entry.canStart ? this.estimate(job, entry) : undefined;
+      const estimate = now ?? this.estimate(job, entry, true);
       if (!estimate) continue;
       out.push({
         entry,
         candidate: {
           id: entry.id,
-          idle: entry.idle,
+          idle: now !== undefined,
           warm: entry.isWarm(job.spec.modelPath),
-          availableInS: entry.idle ? 0 : this.remainingS(entry) + (extraWaitS.get(entry.id) ?? 0),
-          runS: estimate.runS,
+          availableInS: now ? 0 : this.remainingS(entry) + (extraWaitS.get(entry.id) ?? 0),
+          // Jobs sharing a device take turns computing on it: beside n others, a run stretches
+          // about (n + 1)-fold.
+          runS: now ? estimate.runS * (1 + entry.running.size) : estimate.runS,
           coldLoadS: (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9),
         },
       });
@@ -690,11 +706,13 @@ export class Scheduler {
       entry.waitingJobs = 0;
       this.sendNextCommand(entry);
     }
-    const idle = [...this.executors.values()].filter((entry) => entry.idle);
-    if (idle.length === 0) return;
+    // Several jobs may start on one executor in a pass: each is planned against what the ones
+    // before it left.
+    const open = [...this.executors.values()].filter((entry) => entry.canStart);
+    if (open.length === 0) return;
     const extraWaitS = new Map<string, number>();
     for (const job of [...this.queue]) {
-      if (!idle.some((entry) => entry.idle)) break;
+      if (!open.some((entry) => entry.canStart)) break;
       if (!job.profile) {
         void this.prepare(job);
         continue;
@@ -807,7 +825,7 @@ export class Scheduler {
     const priced: { candidate: PlacementCandidate; entry: ExecutorEntry; plan: PlanMessage }[] = [];
     for (const entry of eligible) {
       try {
-        const estimate = this.plan(probe, entry);
+        const estimate = this.plan(probe, entry, true);
         priced.push({
           entry,
           plan: estimate.plan,
@@ -1282,6 +1300,94 @@ export class Scheduler {
       modelPath: model.path,
       hostCacheBytes: held?.hostCacheBytes ?? 0,
       residentBytes: holdings?.residentBytes ?? 0,
+    };
+  }
+
+  /**
+   * SetBudget: the executor's budget becomes `bytes`; each job running there is re-planned
+   * against it (in the order they started, each against what the ones before it claim) and
+   * swaps to its new plan at its next step boundary. A job no plan fits keeps its own.
+   */
+  async setBudget(
+    executorId: string,
+    bytes: number,
+  ): Promise<{ executor: ExecutorInfo; replanned: string[]; unchanged: string[] }> {
+    checkString("executor_id", executorId, MAX_ID_LENGTH, ID_PATTERN);
+    const entry = this.executors.get(executorId);
+    if (!entry || !entry.connected) {
+      throw new StatusError(status.NOT_FOUND, `no connected executor with id ${quote(executorId)}`);
+    }
+    checkInteger("budget_bytes", bytes, 1, entry.device.totalBytes);
+    const previous = entry.budgetBytes;
+    entry.budgetBytes = bytes;
+    const plans: { jobId: string; plan: PlanMessage }[] = [];
+    const replanned: { job: Job; estimate: Estimate }[] = [];
+    const unchanged: string[] = [];
+    let left = bytes;
+    for (const job of entry.running) {
+      let estimate: Estimate | undefined;
+      try {
+        if (job.profile && left > 0) {
+          estimate = this.planWithin(job, entry, left);
+        }
+      } catch {
+        estimate = undefined;
+      }
+      if (!estimate) {
+        unchanged.push(job.id);
+        left -= job.plan ? planClaimBytes(job.plan) : 0;
+        continue;
+      }
+      left -= planClaimBytes(estimate.plan);
+      plans.push({ jobId: job.id, plan: estimate.plan });
+      replanned.push({ job, estimate });
+    }
+    try {
+      await this.command(
+        entry,
+        (commandId) => ({ $case: "setBudget", value: { commandId, budgetBytes: bytes, plans } }),
+        false,
+      );
+    } catch (error) {
+      entry.budgetBytes = previous;
+      throw error;
+    }
+    for (const { job, estimate } of replanned) {
+      if (!entry.running.has(job)) continue;
+      job.plan = estimate.plan;
+      job.segmentFlops = estimate.segmentFlops;
+      this.store.save(job);
+    }
+    this.log(
+      `ferry scheduler: executor ${entry.id} budget ${bytes} bytes; re-planned ${replanned.length} running job(s)`,
+    );
+    this.schedulePass();
+    return {
+      executor: entry.info((path) => this.models?.nameOf(path) ?? path),
+      replanned: replanned.map(({ job }) => job.id),
+      unchanged,
+    };
+  }
+
+  /** The plan a job gets on an executor with `freeBytes` of its budget to itself. */
+  private planWithin(job: Job, entry: ExecutorEntry, freeBytes: number): Estimate {
+    const options: PlanOptions = {
+      policy: job.spec.policy as PolicyName,
+      stream: !job.spec.noStream,
+      maxVramGiB: job.spec.maxVramGib,
+    };
+    const device = { ...entry.plannedDevice(true), free_bytes: freeBytes };
+    const plan = planJob(job.profile!, device, options);
+    const stepS = plan.predicted_step_s ?? 0;
+    return {
+      atMs: Date.now(),
+      plan: planToMessage(plan),
+      segmentFlops: plan.segments.map((segment) =>
+        job
+          .profile!.segments.slice(segment.base[0], segment.base[1] + 1)
+          .reduce((sum, base) => sum + base.flops, 0),
+      ),
+      runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
     };
   }
 

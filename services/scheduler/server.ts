@@ -17,6 +17,7 @@ import {
   ListModelsResponse,
   LoadModelResponse,
   SchedulerServiceService,
+  SetBudgetResponse,
   SubmitJobResponse,
   UnloadModelResponse,
   type SchedulerServiceServer,
@@ -228,6 +229,16 @@ function serviceImplementation(
       const { model, executorId } = call.request;
       return UnloadModelResponse.fromPartial({
         executorIds: await scheduler.unloadModel(model, executorId),
+      });
+    }, log),
+
+    setBudget: unary(async (call) => {
+      const { executorId, budgetBytes } = call.request;
+      const result = await scheduler.setBudget(executorId, budgetBytes);
+      return SetBudgetResponse.fromPartial({
+        executor: result.executor,
+        replannedJobIds: result.replanned,
+        unchangedJobIds: result.unchanged,
       });
     }, log),
   };

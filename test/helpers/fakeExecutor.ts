@@ -47,6 +47,7 @@ export class FakeExecutor {
       models: this.models,
       runningJobIds: this.running,
       heldResultJobIds: this.heldResults,
+      budgetBytes: 0,
     };
   }
 

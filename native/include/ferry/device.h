@@ -17,6 +17,15 @@
 // caller's thread. A GPU backend copies with ggml_backend_tensor_set_async on a second backend
 // instance (its own stream), ordered against compute with ggml_backend_event_record/wait, so
 // neither side blocks the host.
+//
+// Sharing. Several jobs may run on a device at once, each on its own thread: their computes take
+// turns on the backend (compute_mutex()), their copies share the copy stream, and memory is
+// arbitrated. The budget (at most the device memory; an operator may lower it while jobs run)
+// caps what all of them hold together. A job makes its allocations at its start — and when its
+// plan is swapped at a step boundary — under admit(), evicting cached weights of idle models
+// least recently used to make room; one that does not fit even then is refused with a
+// DeviceOutOfMemoryError that names what it needed and what the budget had left.
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -188,6 +197,28 @@ class Device {
   size_t available_bytes() const { return free_bytes() + residency_.evictable_bytes(); }
   MemoryStats memory_stats() const { return arena_->stats(); }
   void reset_window_peak() { arena_->reset_window_peak(); }
+  // Starts a new high-water mark (memory_stats().peak_bytes) at what is in use now.
+  void reset_peak() { arena_->reset_peak(); }
+
+  // ---- the memory arbiter ----
+  // What everything on the device may hold together: the device memory unless lowered.
+  size_t budget_bytes() const { return arena_->limit(); }
+  struct BudgetChange {
+    size_t budget_bytes = 0;
+    size_t in_use_bytes = 0;     // after idle cached weights over the budget were evicted
+    uint64_t evicted_bytes = 0;  // of cached weights no job held
+    size_t over_bytes = 0;       // still in use beyond the budget: running jobs hold it
+  };
+  // Sets the budget (1 byte .. total_bytes(); InvalidArgumentError otherwise), evicts idle cached
+  // weights least recently used first until what is in use fits it (or nothing idle is left),
+  // and starts a new high-water mark. Running jobs keep what they hold until they end or their
+  // plans are swapped for ones that fit (RunControl::swap_plan).
+  BudgetChange set_budget(size_t bytes);
+  // Held while a job makes its allocations, so room one job made by eviction is not taken by
+  // another meanwhile, and two jobs each half-allocated cannot refuse each other.
+  std::unique_lock<std::mutex> admit() { return std::unique_lock<std::mutex>(admission_mu_); }
+  // One line for errors: the budget, what is in use, by how many jobs, what cached weights hold.
+  std::string describe_memory() const;
 
   // ---- ggml ----
   ggml_backend_t backend() const { return backend_; }
@@ -229,8 +260,8 @@ class Device {
 
   // Measures the copy stream's host→device rate (GB/s, 10^9 bytes/s) with a few copies of up to
   // `bytes` from pinned host memory into device memory, and remembers it as peak_copy_gbps().
-  // Needs the device idle (DeviceBusyError otherwise) and takes the device memory it copies into
-  // only for the measurement.
+  // Needs the device free of jobs (DeviceBusyError otherwise) and takes the device memory it
+  // copies into only for the measurement.
   double measure_copy_rate(size_t bytes = size_t{64} << 20);
   // The last measure_copy_rate() result; 0 until measured.
   double peak_copy_gbps() const { return peak_copy_gbps_.load(); }
@@ -238,10 +269,12 @@ class Device {
   ResidencyCache& residency() { return residency_; }
   const ResidencyCache& residency() const { return residency_; }
 
-  // One job at a time: the runner's streams, buffers and threads are not shared.
-  bool try_begin_job() { return !busy_.exchange(true); }
-  void end_job() { busy_.store(false); }
-  bool busy() const { return busy_.load(); }
+  // Jobs share the device (each holds a DeviceLease); an exclusive holder (the copy-rate
+  // measurement) excludes them. False when the other kind holds it.
+  bool try_begin_job(bool exclusive = false);
+  void end_job();
+  int jobs() const { return std::max(0, jobs_.load()); }
+  bool busy() const { return jobs_.load() != 0; }
 
  protected:
   explicit Device(std::string name);
@@ -254,6 +287,9 @@ class Device {
   // Derived destructors call this first: the copy engine must be idle and cached weights back in
   // the arena before the backend and memory go (released by ~Device, after the derived members).
   void release_memory() noexcept;
+  // Computes from several jobs' threads take turns on the backend (its work buffer and stream
+  // are one).
+  std::mutex& compute_mutex() { return compute_mu_; }
 
  private:
   friend class DeviceBuffer;
@@ -263,16 +299,20 @@ class Device {
   ggml_backend_buffer_t memory_ = nullptr;
   std::unique_ptr<Arena> arena_;
   ggml_backend_buffer_type_t scratch_buft_ = nullptr;  // owned (device_memory.cpp)
-  std::atomic<bool> busy_{false};
+  std::atomic<int> jobs_{0};                           // running jobs; -1: held exclusively
   std::atomic<double> peak_copy_gbps_{0};
+  std::mutex admission_mu_;
+  std::mutex compute_mu_;
   ResidencyCache residency_;
 };
 
-// Holds a device for one job; throws DeviceBusyError if another job holds it.
+// Holds a device for one job (several jobs may hold it at once; busy() while any does). An
+// exclusive lease waits for nobody: DeviceBusyError if any job holds the device, and a job's
+// lease gets DeviceBusyError while an exclusive one is held.
 class DeviceLease {
  public:
   DeviceLease() = default;
-  explicit DeviceLease(Device& device);
+  explicit DeviceLease(Device& device, bool exclusive = false);
   ~DeviceLease() { reset(); }
   DeviceLease(DeviceLease&& other) noexcept : device_(other.device_) { other.device_ = nullptr; }
   DeviceLease& operator=(DeviceLease&& other) noexcept;

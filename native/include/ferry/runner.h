@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -86,14 +87,39 @@ struct RunOutput {
 
 using StepObserver = std::function<void(StepReport&& report)>;
 
+// A new plan for a running job — e.g. after the device's budget was lowered — which a pooled run
+// takes at its next step boundary: it lets its copies drain, frees its staging slots and stops
+// holding resident weights the new plan streams (they stay cached, idle, evicted first when
+// memory is needed), then allocates what the new plan needs (under Device::admit()) and runs the
+// remaining steps with it. Outputs are unchanged (the same graphs on the same bytes). Serial and
+// lookahead runs allocate per segment anyway and ignore it. Thread-safe; a later post replaces an
+// earlier one not yet taken.
+class PlanMailbox {
+ public:
+  void post(std::vector<PlanSegment> segments, uint32_t slots);
+  // The posted plan, if any (and then no longer posted).
+  bool take(std::vector<PlanSegment>* segments, uint32_t* slots);
+  // Plans taken so far.
+  uint32_t swaps() const;
+
+ private:
+  mutable std::mutex mu_;
+  bool posted_ = false;
+  std::vector<PlanSegment> segments_;
+  uint32_t slots_ = 0;
+  uint32_t swaps_ = 0;
+};
+
 // Runs the job on the leased device. `cancel` (may be null) is checked between segments; a set
 // flag ends the run with CancelledError. `on_step` (may be empty) gets each step's report on the
-// run's thread. Everything the job allocated on the device is freed when this returns or throws,
-// except resident weights of a pooled run, which stay in the device's residency cache.
-// Throws InvalidArgumentError (bad request or plan), DeviceOutOfMemoryError, CancelledError,
-// ModelFormatError / IoError (reading weights), IntegrityError (verify).
+// run's thread; `plans` (may be null) hands a pooled run new plans at step boundaries. Everything
+// the job allocated on the device is freed when this returns or throws, except resident weights of
+// a pooled run, which stay in the device's residency cache. Throws InvalidArgumentError (bad
+// request or plan), DeviceOutOfMemoryError, CancelledError, ModelFormatError / IoError (reading
+// weights), IntegrityError (verify).
 RunOutput run_job(DeviceLease& lease, Model& model, const RunRequest& request,
-                  const std::atomic<bool>* cancel, const StepObserver& on_step);
+                  const std::atomic<bool>* cancel, const StepObserver& on_step,
+                  PlanMailbox* plans = nullptr);
 
 // SplitMix64's finaliser of x + γ, mod 2^64.
 uint64_t splitmix64(uint64_t x);

@@ -134,6 +134,8 @@ void set_device_info(Napi::Env env, Napi::Object out, const Device& device) {
   // What a job can have: cached resident weights no job holds are evicted on demand.
   out.Set("freeBytes", size_value(env, device.available_bytes()));
   out.Set("peakCopyGbps", device.peak_copy_gbps());
+  out.Set("budgetBytes", size_value(env, device.budget_bytes()));
+  out.Set("runningJobs", device.jobs());
 }
 
 Napi::Object device_stats(Napi::Env env, const Device& device) {
@@ -147,6 +149,7 @@ Napi::Object device_stats(Napi::Env env, const Device& device) {
   out.Set("residentCacheBytes", size_value(env, device.residency().bytes()));
   out.Set("residentCacheEntries", size_value(env, device.residency().entries()));
   out.Set("busy", device.busy());
+  out.Set("budgetBytes", size_value(env, s.limit_bytes));
   return out;
 }
 
@@ -161,6 +164,24 @@ Napi::Value measure_copy_rate(const Napi::CallbackInfo& info, Device& device) {
     bytes = static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue());
   }
   return guarded(env, [&] { return Napi::Number::New(env, device.measure_copy_rate(bytes)); });
+}
+
+Napi::Value set_budget(const Napi::CallbackInfo& info, Device& device) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || info[0].As<Napi::Number>().DoubleValue() < 1 ||
+      info[0].As<Napi::Number>().DoubleValue() > 9007199254740992.0) {
+    throw_invalid_argument(env, "setBudget(bytes): bytes must be a number ≥ 1");
+  }
+  const auto bytes = static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue());
+  return guarded(env, [&] {
+    const Device::BudgetChange change = device.set_budget(bytes);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("budgetBytes", size_value(env, change.budget_bytes));
+    out.Set("inUseBytes", size_value(env, change.in_use_bytes));
+    out.Set("evictedBytes", size_value(env, change.evicted_bytes));
+    out.Set("overBytes", size_value(env, change.over_bytes));
+    return out;
+  });
 }
 
 }  // namespace addon

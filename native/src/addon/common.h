@@ -95,6 +95,9 @@ void set_device_info(Napi::Env env, Napi::Object out, const Device& device);
 Napi::Object device_stats(Napi::Env env, const Device& device);
 // device.measureCopyRate(bytes?): GB/s, measured on the copy stream (DeviceBusyError mid-run).
 Napi::Value measure_copy_rate(const Napi::CallbackInfo& info, Device& device);
+// device.setBudget(bytes): { budgetBytes, inUseBytes, evictedBytes, overBytes }
+// (Device::set_budget).
+Napi::Value set_budget(const Napi::CallbackInfo& info, Device& device);
 
 // A uint64 byte count as a JS number (exact below 2^53, which covers any real memory size).
 inline Napi::Number size_value(Napi::Env env, uint64_t n) {

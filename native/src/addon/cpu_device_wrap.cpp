@@ -10,6 +10,7 @@ Napi::Function CpuDeviceWrap::define(Napi::Env env) {
                          InstanceMethod<&CpuDeviceWrap::stats>("stats"),
                          InstanceMethod<&CpuDeviceWrap::measure_copy_rate>("measureCopyRate"),
                          InstanceMethod<&CpuDeviceWrap::clear_residency>("clearResidency"),
+                         InstanceMethod<&CpuDeviceWrap::set_budget>("setBudget"),
                          InstanceMethod<&CpuDeviceWrap::dispose>("dispose"),
                      });
 }
@@ -86,6 +87,10 @@ Napi::Value CpuDeviceWrap::measure_copy_rate(const Napi::CallbackInfo& info) {
 Napi::Value CpuDeviceWrap::clear_residency(const Napi::CallbackInfo& info) {
   device(info.Env())->residency().clear();
   return info.Env().Undefined();
+}
+
+Napi::Value CpuDeviceWrap::set_budget(const Napi::CallbackInfo& info) {
+  return addon::set_budget(info, *device(info.Env()));
 }
 
 Napi::Value CpuDeviceWrap::dispose(const Napi::CallbackInfo& info) {

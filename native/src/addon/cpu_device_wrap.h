@@ -28,6 +28,7 @@ class CpuDeviceWrap : public Napi::ObjectWrap<CpuDeviceWrap>, public DeviceWrapB
   Napi::Value stats(const Napi::CallbackInfo& info);
   Napi::Value measure_copy_rate(const Napi::CallbackInfo& info);
   Napi::Value clear_residency(const Napi::CallbackInfo& info);
+  Napi::Value set_budget(const Napi::CallbackInfo& info);
   Napi::Value dispose(const Napi::CallbackInfo& info);
 
   std::shared_ptr<Registry> registry_;

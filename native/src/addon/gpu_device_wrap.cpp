@@ -10,6 +10,7 @@ Napi::Function GpuDeviceWrap::define(Napi::Env env) {
                          InstanceMethod<&GpuDeviceWrap::stats>("stats"),
                          InstanceMethod<&GpuDeviceWrap::measure_copy_rate>("measureCopyRate"),
                          InstanceMethod<&GpuDeviceWrap::clear_residency>("clearResidency"),
+                         InstanceMethod<&GpuDeviceWrap::set_budget>("setBudget"),
                          InstanceMethod<&GpuDeviceWrap::dispose>("dispose"),
                      });
 }
@@ -64,6 +65,10 @@ Napi::Value GpuDeviceWrap::measure_copy_rate(const Napi::CallbackInfo& info) {
 Napi::Value GpuDeviceWrap::clear_residency(const Napi::CallbackInfo& info) {
   device(info.Env())->residency().clear();
   return info.Env().Undefined();
+}
+
+Napi::Value GpuDeviceWrap::set_budget(const Napi::CallbackInfo& info) {
+  return addon::set_budget(info, *device(info.Env()));
 }
 
 Napi::Value GpuDeviceWrap::dispose(const Napi::CallbackInfo& info) {

@@ -29,6 +29,7 @@ class GpuDeviceWrap : public Napi::ObjectWrap<GpuDeviceWrap>, public DeviceWrapB
   Napi::Value stats(const Napi::CallbackInfo& info);
   Napi::Value measure_copy_rate(const Napi::CallbackInfo& info);
   Napi::Value clear_residency(const Napi::CallbackInfo& info);
+  Napi::Value set_budget(const Napi::CallbackInfo& info);
   Napi::Value dispose(const Napi::CallbackInfo& info);
 
   std::shared_ptr<Registry> registry_;

@@ -31,6 +31,7 @@ struct RunState {
   RunRequest request;
   std::atomic<bool> cancel{false};
   std::atomic<bool> finished{false};
+  PlanMailbox plans;          // swapPlan(): taken by the run at its next step boundary
   bool tearing_down = false;  // main thread only
   std::thread thread;
   StepChannel channel;
@@ -134,16 +135,18 @@ void on_env_teardown(RunState* state) {
 
 void run_thread(std::shared_ptr<RunState> state) {
   try {
-    state->output = run_job(state->lease, *state->model, state->request, &state->cancel,
-                            [&state](StepReport&& report) {
-                              auto boxed = std::make_unique<StepReport>(std::move(report));
-                              if (state->channel.NonBlockingCall(boxed.get()) == napi_ok) {
-                                boxed.release();
-                              } else {
-                                // The environment is going away: nobody is listening.
-                                state->cancel.store(true);
-                              }
-                            });
+    state->output = run_job(
+        state->lease, *state->model, state->request, &state->cancel,
+        [&state](StepReport&& report) {
+          auto boxed = std::make_unique<StepReport>(std::move(report));
+          if (state->channel.NonBlockingCall(boxed.get()) == napi_ok) {
+            boxed.release();
+          } else {
+            // The environment is going away: nobody is listening.
+            state->cancel.store(true);
+          }
+        },
+        &state->plans);
   } catch (...) {
     state->error = capture_exception(std::current_exception());
   }
@@ -153,6 +156,23 @@ void run_thread(std::shared_ptr<RunState> state) {
   StepChannel channel = state->channel;
   state.reset();
   channel.Release();
+}
+
+std::vector<PlanSegment> parse_segments(Napi::Env env, const Napi::Value& segments,
+                                        const std::string& where) {
+  if (!segments.IsArray()) throw_invalid_argument(env, where + ".segments must be an array");
+  Napi::Array list = segments.As<Napi::Array>();
+  std::vector<PlanSegment> out;
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    const std::string at = where + ".segments[" + std::to_string(i) + "]";
+    Napi::Object s = object_arg(list.Get(i), at);
+    PlanSegment p;
+    p.first_base = static_cast<int64_t>(uint_field(s, "firstBase", at));
+    p.last_base = static_cast<int64_t>(uint_field(s, "lastBase", at));
+    p.resident = bool_field(s, "resident", at);
+    out.push_back(p);
+  }
+  return out;
 }
 
 RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
@@ -189,18 +209,7 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
   }
   r.sampler.guidance = number_field_or(o, "guidance", where, 3.5);
   r.sampler.shift = has_field(o, "shift") ? bool_field(o, "shift", where) : false;
-  Napi::Value segments = o.Get("segments");
-  if (!segments.IsArray()) throw_invalid_argument(env, where + ".segments must be an array");
-  Napi::Array list = segments.As<Napi::Array>();
-  for (uint32_t i = 0; i < list.Length(); i++) {
-    const std::string at = where + ".segments[" + std::to_string(i) + "]";
-    Napi::Object s = object_arg(list.Get(i), at);
-    PlanSegment p;
-    p.first_base = static_cast<int64_t>(uint_field(s, "firstBase", at));
-    p.last_base = static_cast<int64_t>(uint_field(s, "lastBase", at));
-    p.resident = bool_field(s, "resident", at);
-    r.segments.push_back(p);
-  }
+  r.segments = parse_segments(env, o.Get("segments"), where);
   const uint64_t slots = uint_field_or(o, "slots", where, 0);
   if (slots > kMaxSlots) {
     throw_invalid_argument(env, where + ".slots must be between 0 and " +
@@ -280,8 +289,30 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
                            },
                            "cancel"));
 
-  // The device runs one job at a time; a second one is refused rather than queued, so the caller
-  // (which knows the job) decides what to do.
+  // swapPlan({ segments, slots }): a pooled run takes the new plan at its next step boundary
+  // (checked against the model there; a bad one fails the run).
+  handle.Set("swapPlan", Napi::Function::New(
+                             env,
+                             [weak](const Napi::CallbackInfo& cb) {
+                               Napi::Env e = cb.Env();
+                               Napi::Object plan = object_arg(cb[0], "swapPlan(plan)");
+                               std::vector<PlanSegment> segments =
+                                   parse_segments(e, plan.Get("segments"), "swapPlan(plan)");
+                               const uint64_t slots = uint_field(plan, "slots", "swapPlan(plan)");
+                               if (slots < 1 || slots > kMaxSlots) {
+                                 throw_invalid_argument(
+                                     e, "swapPlan(plan).slots must be between 1 and " +
+                                            std::to_string(kMaxSlots));
+                               }
+                               if (auto s = weak.lock()) {
+                                 s->plans.post(std::move(segments), static_cast<uint32_t>(slots));
+                               }
+                               return e.Undefined();
+                             },
+                             "swapPlan"));
+
+  // Several runs may share a device (the memory arbiter admits each against the budget left);
+  // only an exclusive holder (a copy-rate measurement) refuses one.
   try {
     state->lease = DeviceLease(*state->device);
   } catch (...) {

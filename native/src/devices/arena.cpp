@@ -36,6 +36,7 @@ Arena::Arena(size_t capacity, std::string owner) : owner_(std::move(owner)), cap
   }
   base_ = static_cast<uint8_t*>(p);
   mapped_ = usable_;
+  limit_ = usable_;
 #if defined(MADV_HUGEPAGE)
   // Transparent huge pages where the kernel offers them only on request (THP "madvise"): the
   // first touch of each 2 MiB then costs one fault, not 512 — on a VM where faults are expensive,
@@ -58,6 +59,7 @@ Arena::Arena(void* base, size_t capacity, std::string owner)
                                "-byte aligned");
   }
   base_ = static_cast<uint8_t*>(base);
+  limit_ = usable_;
   free_.emplace(0, usable_);
 }
 
@@ -85,7 +87,7 @@ void* Arena::allocate(size_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   // Rounding every block to the alignment keeps every offset aligned (the base is page-aligned).
   const size_t size = request > usable_ ? 0 : (request + kAlignment - 1) / kAlignment * kAlignment;
-  if (size != 0) {
+  if (size != 0 && in_use_ + size <= limit_) {
     for (auto it = free_.begin(); it != free_.end(); ++it) {
       if (it->second < size) continue;
       const size_t offset = it->first;
@@ -101,10 +103,14 @@ void* Arena::allocate(size_t bytes) {
       return base_ + offset;
     }
   }
-  throw DeviceOutOfMemoryError(
-      owner_ + ": out of device memory: requested " + std::to_string(bytes) + " bytes, " +
-      std::to_string(in_use_) + " of " + std::to_string(capacity_) +
-      " bytes in use, largest free block " + std::to_string(largest_free_locked()) + " bytes");
+  const std::string of = limit_ < usable_
+                             ? std::to_string(limit_) + " bytes (the budget; capacity " +
+                                   std::to_string(capacity_) + ")"
+                             : std::to_string(capacity_) + " bytes";
+  throw DeviceOutOfMemoryError(owner_ + ": out of device memory: requested " +
+                               std::to_string(bytes) + " bytes, " + std::to_string(in_use_) +
+                               " of " + of + " in use, largest free block " +
+                               std::to_string(largest_free_locked()) + " bytes");
 }
 
 bool Arena::release(void* ptr) noexcept {
@@ -143,7 +149,28 @@ size_t Arena::largest_free_locked() const {
 
 size_t Arena::free_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return usable_ - in_use_;  // the capacity rounded down to the alignment is all it hands out
+  // The capacity rounded down to the alignment is all it hands out; a limit, less.
+  return limit_ > in_use_ ? limit_ - in_use_ : 0;
+}
+
+void Arena::set_limit(size_t bytes) {
+  if (bytes == 0 || bytes > usable_) {
+    throw InvalidArgumentError(
+        owner_ + ": a memory budget must be between 1 byte and the device's " +
+        std::to_string(usable_) + " bytes (got " + std::to_string(bytes) + ")");
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  limit_ = bytes;
+}
+
+size_t Arena::limit() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return limit_;
+}
+
+void Arena::reset_peak() {
+  std::lock_guard<std::mutex> lock(mu_);
+  peak_ = in_use_;
 }
 
 MemoryStats Arena::stats() const {
@@ -155,6 +182,7 @@ MemoryStats Arena::stats() const {
   s.window_peak_bytes = window_peak_;
   s.committed_bytes = high_water_;
   s.capacity_bytes = capacity_;
+  s.limit_bytes = limit_;
   s.largest_free_block = largest_free_locked();
   return s;
 }

@@ -269,9 +269,11 @@ Stream& CpuDevice::copy_stream() { return *copy_stream_; }
 
 EventPtr CpuDevice::compute(ggml_cgraph* graph) {
   auto event = std::make_shared<CpuEvent>();
+  std::unique_lock<std::mutex> turn(compute_mutex());
   const double start = wall_clock_us();
   const ggml_status status = ggml_backend_graph_compute(backend(), graph);
   const double end = wall_clock_us();
+  turn.unlock();
   std::exception_ptr error;
   if (status != GGML_STATUS_SUCCESS) {
     error = std::make_exception_ptr(InvalidArgumentError(

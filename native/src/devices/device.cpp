@@ -244,8 +244,52 @@ void Device::read(const void* addr, void* dst, size_t bytes) {
   tensor_get(&span, dst, 0, bytes);
 }
 
+Device::BudgetChange Device::set_budget(size_t bytes) {
+  std::unique_lock<std::mutex> admission = admit();
+  arena_->set_limit(bytes);
+  BudgetChange change;
+  change.budget_bytes = arena_->limit();
+  // Idle models' weights go first, least recently used; what running jobs hold stays until their
+  // plans shrink or they end.
+  for (;;) {
+    const size_t in_use = arena_->stats().in_use_bytes;
+    if (in_use <= change.budget_bytes) break;
+    const uint64_t before = residency_.bytes();
+    if (!residency_.evict_one_unused()) break;
+    change.evicted_bytes += before - residency_.bytes();
+  }
+  change.in_use_bytes = arena_->stats().in_use_bytes;
+  change.over_bytes =
+      change.in_use_bytes > change.budget_bytes ? change.in_use_bytes - change.budget_bytes : 0;
+  arena_->reset_peak();
+  return change;
+}
+
+std::string Device::describe_memory() const {
+  const MemoryStats s = arena_->stats();
+  return "budget " + std::to_string(s.limit_bytes) + " bytes, " + std::to_string(s.in_use_bytes) +
+         " in use (" + std::to_string(jobs()) + " job(s) running; cached weights " +
+         std::to_string(residency_.bytes()) + ", of which idle " +
+         std::to_string(residency_.evictable_bytes()) + "), " + std::to_string(free_bytes()) +
+         " left";
+}
+
+bool Device::try_begin_job(bool exclusive) {
+  int jobs = jobs_.load();
+  for (;;) {
+    if (jobs < 0 || (exclusive && jobs > 0)) return false;
+    if (jobs_.compare_exchange_weak(jobs, exclusive ? -1 : jobs + 1)) return true;
+  }
+}
+
+void Device::end_job() {
+  int jobs = jobs_.load();
+  while (!jobs_.compare_exchange_weak(jobs, jobs < 0 ? 0 : jobs - 1)) {
+  }
+}
+
 double Device::measure_copy_rate(size_t bytes) {
-  DeviceLease lease(*this);
+  DeviceLease lease(*this, /*exclusive=*/true);
   // Large enough that per-copy overheads vanish, small enough to fit beside nothing else.
   size_t n = std::min(bytes, free_bytes() / 2) / 4096 * 4096;
   if (n == 0) {
@@ -267,10 +311,11 @@ double Device::measure_copy_rate(size_t bytes) {
   return best;
 }
 
-DeviceLease::DeviceLease(Device& device) {
-  if (!device.try_begin_job()) {
+DeviceLease::DeviceLease(Device& device, bool exclusive) {
+  if (!device.try_begin_job(exclusive)) {
     throw DeviceBusyError(device.name() +
-                          ": the device is already running a job (it runs one at a time)");
+                          (exclusive ? ": the device is already running a job (this needs it idle)"
+                                     : ": the device is held exclusively (a measurement runs)"));
   }
   device_ = &device;
 }

@@ -152,7 +152,9 @@ class GpuCopyStream final : public Stream {
   GpuCopyStream(GpuEngine& engine, ggml_backend_buffer_t memory)
       : engine_(engine), memory_(memory) {}
 
+  // Several jobs' copy threads share the stream: a batch and its event are queued as one.
   EventPtr copy_batch_async(const CopyRegion* regions, size_t count) override {
+    std::lock_guard<std::mutex> lock(mu_);
     const double queued = wall_clock_us();
     for (size_t i = 0; i < count; i++) {
       if (regions[i].bytes == 0) continue;
@@ -162,10 +164,14 @@ class GpuCopyStream final : public Stream {
     return engine_.record(queued);
   }
 
-  EventPtr record() override { return engine_.record(wall_clock_us()); }
+  EventPtr record() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return engine_.record(wall_clock_us());
+  }
 
   void wait_event(const EventPtr& event) override {
     if (auto* gpu = dynamic_cast<GpuEvent*>(event.get())) {
+      std::lock_guard<std::mutex> lock(mu_);
       ggml_backend_event_wait(engine_.backend(), gpu->handle());
     } else {
       event->wait();
@@ -175,6 +181,7 @@ class GpuCopyStream final : public Stream {
  private:
   GpuEngine& engine_;
   ggml_backend_buffer_t memory_;
+  std::mutex mu_;
 };
 
 }  // namespace
@@ -247,6 +254,7 @@ GpuDevice::~GpuDevice() {
 Stream& GpuDevice::copy_stream() { return *copy_stream_; }
 
 EventPtr GpuDevice::compute(ggml_cgraph* graph) {
+  std::lock_guard<std::mutex> turn(compute_mutex());
   const double queued = wall_clock_us();
   const ggml_status status = ggml_backend_graph_compute_async(backend(), graph);
   if (status != GGML_STATUS_SUCCESS) {
@@ -258,6 +266,7 @@ EventPtr GpuDevice::compute(ggml_cgraph* graph) {
 
 void GpuDevice::compute_wait(const EventPtr& event) {
   if (auto* gpu = dynamic_cast<GpuEvent*>(event.get())) {
+    std::lock_guard<std::mutex> turn(compute_mutex());
     ggml_backend_event_wait(backend(), gpu->handle());
   } else {
     event->wait();

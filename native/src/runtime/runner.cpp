@@ -159,7 +159,8 @@ class RunBase {
       } catch (const DeviceOutOfMemoryError& e) {
         if (device_.residency().evict_one_unused()) continue;
         throw DeviceOutOfMemoryError(context() + ": allocating " + std::to_string(bytes) +
-                                     " bytes for " + what + ": " + e.what());
+                                     " bytes for " + what + ": " + e.what() + "; " +
+                                     device_.describe_memory());
       }
     }
   }
@@ -441,6 +442,44 @@ class RunBase {
   std::mutex holds_mu_;     // the copy thread prepares while the compute thread releases
   std::vector<int> holds_;  // per base segment: prepares not yet released
 
+  // The plan's merged segments, checked against the model.
+  std::vector<MergedSegment> merge_plan(const std::vector<PlanSegment>& segments) const {
+    const auto& base = model_.base_segments();
+    std::vector<MergedSegment> plan;
+    if (segments.empty()) throw InvalidArgumentError("run: the plan has no segments");
+    int64_t expected_first = 0;
+    for (size_t i = 0; i < segments.size(); i++) {
+      const PlanSegment& s = segments[i];
+      if (s.first_base != expected_first || s.last_base < s.first_base ||
+          s.last_base >= static_cast<int64_t>(base.size())) {
+        throw InvalidArgumentError("run: plan segment " + std::to_string(i) +
+                                   " covers base segments " + std::to_string(s.first_base) + ".." +
+                                   std::to_string(s.last_base) + "; segments must cover 0.." +
+                                   std::to_string(base.size() - 1) +
+                                   " in order, each exactly once");
+      }
+      MergedSegment m;
+      m.index = static_cast<int32_t>(i);
+      m.first = static_cast<size_t>(s.first_base);
+      m.last = static_cast<size_t>(s.last_base);
+      m.resident = s.resident;
+      for (size_t b = m.first; b <= m.last; b++) {
+        m.member_offsets.push_back(m.device_bytes);
+        m.device_bytes += align_up(base[b].packed_bytes, kPackAlignment);
+        m.param_bytes += base[b].param_bytes;
+      }
+      m.label = base[m.first].name + (m.last > m.first ? ".." + base[m.last].name : "");
+      plan.push_back(std::move(m));
+      expected_first = s.last_base + 1;
+    }
+    if (expected_first != static_cast<int64_t>(base.size())) {
+      throw InvalidArgumentError("run: the plan covers base segments 0.." +
+                                 std::to_string(expected_first - 1) + " of 0.." +
+                                 std::to_string(base.size() - 1));
+    }
+    return plan;
+  }
+
  private:
   void validate() {
     const auto& r = request_;
@@ -467,38 +506,8 @@ class RunBase {
         }
       }
     }
+    plan_ = merge_plan(r.segments);
     const auto& base = model_.base_segments();
-    if (r.segments.empty()) throw InvalidArgumentError("run: the plan has no segments");
-    int64_t expected_first = 0;
-    for (size_t i = 0; i < r.segments.size(); i++) {
-      const PlanSegment& s = r.segments[i];
-      if (s.first_base != expected_first || s.last_base < s.first_base ||
-          s.last_base >= static_cast<int64_t>(base.size())) {
-        throw InvalidArgumentError("run: plan segment " + std::to_string(i) +
-                                   " covers base segments " + std::to_string(s.first_base) + ".." +
-                                   std::to_string(s.last_base) + "; segments must cover 0.." +
-                                   std::to_string(base.size() - 1) +
-                                   " in order, each exactly once");
-      }
-      MergedSegment m;
-      m.index = static_cast<int32_t>(i);
-      m.first = static_cast<size_t>(s.first_base);
-      m.last = static_cast<size_t>(s.last_base);
-      m.resident = s.resident;
-      for (size_t b = m.first; b <= m.last; b++) {
-        m.member_offsets.push_back(m.device_bytes);
-        m.device_bytes += align_up(base[b].packed_bytes, kPackAlignment);
-        m.param_bytes += base[b].param_bytes;
-      }
-      m.label = base[m.first].name + (m.last > m.first ? ".." + base[m.last].name : "");
-      plan_.push_back(std::move(m));
-      expected_first = s.last_base + 1;
-    }
-    if (expected_first != static_cast<int64_t>(base.size())) {
-      throw InvalidArgumentError("run: the plan covers base segments 0.." +
-                                 std::to_string(expected_first - 1) + " of 0.." +
-                                 std::to_string(base.size() - 1));
-    }
     checksums_.resize(base.size());
     holds_.assign(base.size(), 0);
   }
@@ -513,7 +522,10 @@ class FreshRun : public RunBase {
       : RunBase(device, model, request, cancel) {}
 
   RunOutput run(const StepObserver& on_step) {
-    start_job();
+    {
+      std::unique_lock<std::mutex> admission = device_.admit();
+      start_job();
+    }
     start_loading();
     resident_.resize(plan_.size());
     const bool lookahead = request_.execution == Execution::kLookahead;
@@ -649,14 +661,18 @@ class FreshRun : public RunBase {
 class PooledRun : public RunBase {
  public:
   PooledRun(Device& device, Model& model, const RunRequest& request,
-            const std::atomic<bool>* cancel)
-      : RunBase(device, model, request, cancel) {}
+            const std::atomic<bool>* cancel, PlanMailbox* plans)
+      : RunBase(device, model, request, cancel), plans_(plans), slots_wanted_(request.slots) {}
 
   ~PooledRun() override { shutdown(); }
 
   RunOutput run(const StepObserver& on_step) {
-    start_job();
-    allocate_job_buffers();
+    {
+      // All of the job's memory is taken at once, so concurrent starts cannot each take half.
+      std::unique_lock<std::mutex> admission = device_.admit();
+      start_job();
+      allocate_job_buffers();
+    }
     start_loading();
     copier_ = std::thread([this] { copy_loop(); });
 
@@ -665,13 +681,18 @@ class PooledRun : public RunBase {
       pending.report.step = step;
       device_.reset_window_peak();
       pending.report.start_us = wall_clock_us();
-      if (step == 1) pending.report.resident_hit_bytes = resident_hit_bytes_;
+      if (step == first_step_) pending.report.resident_hit_bytes = resident_hit_bytes_;
       before_step(step);
       for (const MergedSegment& seg : plan_) run_segment(step, seg, pending);
       step_update(step);
       pending.finish();
       close_step(pending);
       if (on_step) on_step(std::move(pending.report));
+      std::vector<PlanSegment> segments;
+      uint32_t slots = 0;
+      if (step < request_.steps && plans_ && plans_->take(&segments, &slots)) {
+        swap_plan(step + 1, segments, slots);
+      }
     }
     shutdown();
     return finish();
@@ -688,10 +709,37 @@ class PooledRun : public RunBase {
     std::exception_ptr error;
   };
 
-  // Whether (step, segment) copies anything: every streamed segment each step; in step 1 the
-  // resident segments whose weights the residency cache did not already hold.
+  // Whether (step, segment) copies anything: every streamed segment each step; in the plan's
+  // first step the resident segments whose weights the residency cache did not already hold.
   bool needs_copy(int64_t step, const MergedSegment& seg) const {
-    return !seg.resident || (step == 1 && upload_[seg.index]);
+    return !seg.resident || (step == first_step_ && upload_[seg.index]);
+  }
+
+  // The job goes on from `next_step` with another plan: copies queued ahead drain (and are
+  // dropped), the staging slots and the hold on resident weights go back, and the new plan's
+  // buffers are taken under admission, as at the start.
+  void swap_plan(int64_t next_step, const std::vector<PlanSegment>& segments, uint32_t slots) {
+    if (slots < 1 || slots > kMaxSlots) {
+      throw InvalidArgumentError("run: a swapped plan takes 1 to " + std::to_string(kMaxSlots) +
+                                 " staging slots (got " + std::to_string(slots) + ")");
+    }
+    std::vector<MergedSegment> plan = merge_plan(segments);
+    shutdown();
+    slots_.clear();
+    slot_free_.clear();
+    held_.clear();
+    held_base_.clear();
+    resident_hit_bytes_ = 0;
+    computed_ = 0;
+    stop_ = false;
+    plan_ = std::move(plan);
+    slots_wanted_ = slots;
+    first_step_ = next_step;
+    {
+      std::unique_lock<std::mutex> admission = device_.admit();
+      allocate_job_buffers();
+    }
+    copier_ = std::thread([this] { copy_loop(); });
   }
 
   // Everything the job uses on the device beyond activations and the compute buffer, allocated
@@ -710,10 +758,10 @@ class PooledRun : public RunBase {
     // Resident weights: reuse what the residency cache holds (this job holds them from now on,
     // so no other allocation can evict them), allocate the rest.
     const std::string model_key = ResidencyCache::model_key(model_.path());
-    resident_params_.resize(plan_.size());
+    resident_params_.assign(plan_.size(), {});
     upload_.assign(plan_.size(), false);
-    to_upload_.resize(plan_.size());
-    fresh_.resize(base.size());
+    to_upload_.assign(plan_.size(), {});
+    fresh_.assign(base.size(), false);
     for (const MergedSegment& seg : plan_) {
       if (!seg.resident) continue;
       auto& params = resident_params_[seg.index];
@@ -752,8 +800,9 @@ class PooledRun : public RunBase {
 
     if (streamed_per_step > 0) {
       // More slots than the job has streamed copies could never be used.
-      const uint64_t copies = streamed_per_step * static_cast<uint64_t>(request_.steps);
-      const uint64_t count = std::min<uint64_t>(request_.slots, copies);
+      const uint64_t copies =
+          streamed_per_step * static_cast<uint64_t>(request_.steps - first_step_ + 1);
+      const uint64_t count = std::min<uint64_t>(slots_wanted_, copies);
       for (uint64_t s = 0; s < count; s++) {
         slots_.push_back(allocate(slot_bytes, "staging slot " + std::to_string(s), at_start));
       }
@@ -776,7 +825,7 @@ class PooledRun : public RunBase {
     const uint64_t d = slots_.size();
     uint64_t g = 0;
     try {
-      for (int64_t step = 1; step <= request_.steps; step++) {
+      for (int64_t step = first_step_; step <= request_.steps; step++) {
         for (const MergedSegment& seg : plan_) {
           if (!needs_copy(step, seg)) continue;
           EventPtr slot_free;
@@ -918,6 +967,9 @@ class PooledRun : public RunBase {
     }
   }
 
+  PlanMailbox* plans_;
+  uint32_t slots_wanted_;
+  int64_t first_step_ = 1;  // the current plan's first step
   std::string model_key_;
   std::vector<std::vector<uint8_t*>> resident_params_;  // per plan segment, per member
   std::vector<bool> upload_;                            // per plan segment: uploads in step 1
@@ -939,10 +991,33 @@ class PooledRun : public RunBase {
 
 }  // namespace
 
+void PlanMailbox::post(std::vector<PlanSegment> segments, uint32_t slots) {
+  std::lock_guard<std::mutex> lock(mu_);
+  segments_ = std::move(segments);
+  slots_ = slots;
+  posted_ = true;
+}
+
+bool PlanMailbox::take(std::vector<PlanSegment>* segments, uint32_t* slots) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!posted_) return false;
+  *segments = std::move(segments_);
+  *slots = slots_;
+  posted_ = false;
+  swaps_++;
+  return true;
+}
+
+uint32_t PlanMailbox::swaps() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return swaps_;
+}
+
 RunOutput run_job(DeviceLease& lease, Model& model, const RunRequest& request,
-                  const std::atomic<bool>* cancel, const StepObserver& on_step) {
+                  const std::atomic<bool>* cancel, const StepObserver& on_step,
+                  PlanMailbox* plans) {
   if (request.execution == Execution::kPooled) {
-    PooledRun run(lease.device(), model, request, cancel);
+    PooledRun run(lease.device(), model, request, cancel, plans);
     return run.run(on_step);
   }
   FreshRun run(lease.device(), model, request, cancel);
