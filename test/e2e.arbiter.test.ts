@@ -35,6 +35,9 @@ describe("the memory arbiter", () => {
     paramsBackend: "",
     load: "",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
     ...overrides,
   });
 
