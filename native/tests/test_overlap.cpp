@@ -117,7 +117,8 @@ void print(const char* label, const Timeline& t, int steps) {
 // a pooled run then hide behind compute, a serial run waits for every one of them. One compute
 // thread: on a busy machine two threads meeting at every node's barrier make compute times
 // erratic. The checks compare each run with itself (its copies against its own computes), so
-// they hold whatever the machine's speed and load.
+// they hold whatever the machine's speed, though not a thread descheduled for longer than a
+// segment: the timing shapes get three attempts.
 void pooled_overlaps_copies_with_compute() {
   DitSpec spec;
   spec.hidden = 128;
@@ -132,14 +133,6 @@ void pooled_overlaps_copies_with_compute() {
     r.job.tokens = 32;
     return r;
   };
-  // Compute alone: everything resident, nothing copied after step 1.
-  double compute_us = 0;
-  {
-    CpuDevice device({size_t{64} << 20, 0, 1});
-    std::vector<StepReport> reports;
-    run(device, m, job(plan_of({{0, n - 1, true}}), Execution::kPooled, 1), &reports);
-    compute_us = timeline(reports).compute_us / 3;
-  }
   // Prelude and final resident, the blocks streamed.
   const auto plan = plan_of({{0, 0, true},
                              {1, 1, false},
@@ -151,36 +144,52 @@ void pooled_overlaps_copies_with_compute() {
                              {7, 7, true}});
   uint64_t streamed = 0;
   for (int64_t b = 1; b < n - 1; b++) streamed += m.base_segments()[b].param_bytes;
-  const double link_gbps = static_cast<double>(streamed) / (compute_us * 1e3);
-  std::fprintf(stderr, "  compute %.2f ms/step, %.2f MB streamed per step: link %.3f GB/s\n",
-               compute_us / 1e3, streamed / 1e6, link_gbps);
-  CpuDevice device({size_t{64} << 20, link_gbps, 1});
-  std::vector<StepReport> serial_reports, lookahead_reports, pooled_reports;
-  const RunOutput serial = run(device, m, job(plan, Execution::kSerial, 0), &serial_reports);
-  const RunOutput lookahead =
-      run(device, m, job(plan, Execution::kLookahead, 0), &lookahead_reports);
-  device.residency().clear();
-  const RunOutput pooled = run(device, m, job(plan, Execution::kPooled, 2), &pooled_reports);
-  CHECK(same_bits(serial.output, pooled.output));
-  CHECK(same_bits(serial.output, lookahead.output));
-  const Timeline s = timeline(serial_reports), l = timeline(lookahead_reports),
-                 p = timeline(pooled_reports);
-  print("serial", s, 3);
-  print("lookahead", l, 3);
-  print("pooled", p, 3);
-  CHECK_EQ(s.h2d_bytes, p.h2d_bytes);
-  CHECK_EQ(s.h2d_bytes, 3 * streamed);
-  // A serial run copies, waits, then computes: its copies never run during a compute (a little
-  // slack for the two threads' clocks).
-  CHECK(s.overlap_fraction() <= 0.05);
-  // The pooled run's copies run while earlier segments compute; so do the lookahead's (one
-  // segment ahead).
-  CHECK(p.overlap_fraction() >= 0.5);
-  CHECK(l.overlap_fraction() > s.overlap_fraction());
-  // What the compute waited for: every copy in the serial run, only what the prefetch did not
-  // hide in the pooled one.
-  CHECK(s.stall_us >= 0.5 * s.h2d_us);
-  CHECK(p.stall_us < s.stall_us - 0.5 * std::min(p.compute_us, p.h2d_us));
+  // One attempt: calibrate the link to the compute, run the three executions, and say whether
+  // the timestamps show the schedules' shapes. Outputs and bytes must hold in every attempt; the
+  // timing shapes in one of three, since a machine shared with other work (CI runs two suites
+  // at once; developers run builds) can stall either thread for longer than a segment.
+  auto attempt = [&]() -> bool {
+    // Compute alone: everything resident, nothing copied after step 1.
+    double compute_us = 0;
+    {
+      CpuDevice device({size_t{64} << 20, 0, 1});
+      std::vector<StepReport> reports;
+      run(device, m, job(plan_of({{0, n - 1, true}}), Execution::kPooled, 1), &reports);
+      compute_us = timeline(reports).compute_us / 3;
+    }
+    const double link_gbps = static_cast<double>(streamed) / (compute_us * 1e3);
+    std::fprintf(stderr, "  compute %.2f ms/step, %.2f MB streamed per step: link %.3f GB/s\n",
+                 compute_us / 1e3, streamed / 1e6, link_gbps);
+    CpuDevice device({size_t{64} << 20, link_gbps, 1});
+    std::vector<StepReport> serial_reports, lookahead_reports, pooled_reports;
+    const RunOutput serial = run(device, m, job(plan, Execution::kSerial, 0), &serial_reports);
+    const RunOutput lookahead =
+        run(device, m, job(plan, Execution::kLookahead, 0), &lookahead_reports);
+    device.residency().clear();
+    const RunOutput pooled = run(device, m, job(plan, Execution::kPooled, 2), &pooled_reports);
+    CHECK(same_bits(serial.output, pooled.output));
+    CHECK(same_bits(serial.output, lookahead.output));
+    const Timeline s = timeline(serial_reports), l = timeline(lookahead_reports),
+                   p = timeline(pooled_reports);
+    print("serial", s, 3);
+    print("lookahead", l, 3);
+    print("pooled", p, 3);
+    CHECK_EQ(s.h2d_bytes, p.h2d_bytes);
+    CHECK_EQ(s.h2d_bytes, 3 * streamed);
+    // A serial run copies, waits, then computes: its copies never run during a compute (a
+    // little slack for the two threads' clocks). The pooled run's copies run while earlier
+    // segments compute; so do the lookahead's (one segment ahead). What the compute waited for:
+    // every copy in the serial run, only what the prefetch did not hide in the pooled one.
+    const bool shapes = s.overlap_fraction() <= 0.05 && p.overlap_fraction() >= 0.5 &&
+                        l.overlap_fraction() > s.overlap_fraction() &&
+                        s.stall_us >= 0.5 * s.h2d_us &&
+                        p.stall_us < s.stall_us - 0.5 * std::min(p.compute_us, p.h2d_us);
+    if (!shapes) std::fprintf(stderr, "  timing shapes not seen in this attempt\n");
+    return shapes;
+  };
+  bool seen = false;
+  for (int i = 0; i < 3 && !seen; i++) seen = attempt();
+  CHECK(seen);
 }
 
 // ---- allocation, residency, eviction ----
