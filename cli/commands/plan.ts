@@ -363,7 +363,10 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
       try {
         const outcome = await obtainPlan(modelPath, options);
         for (const warning of outcome.warnings) io.stderr(`ferry plan: warning: ${warning}\n`);
-        for (const line of outcome.multiGpu ?? []) io.stderr(`ferry plan: multi-GPU: ${line}\n`);
+        // The scheduler's multi-GPU reasoning, when asked for (--explain, --multi-gpu).
+        if (options.explain || options.multiGpu) {
+          for (const line of outcome.multiGpu ?? []) io.stderr(`ferry plan: multi-GPU: ${line}\n`);
+        }
         io.stdout(renderPlanOutcome(outcome, options));
       } catch (error) {
         io.stderr(`ferry plan: ${messageOf(error)}\n`);

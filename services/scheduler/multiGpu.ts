@@ -86,7 +86,7 @@ const seconds = (s: number) => (s >= 10 ? `${s.toFixed(1)} s` : `${s.toFixed(3)}
 /**
  * Chooses between the best single executor (already chosen by placement, `single`) and a batch
  * split across `idle` executors. `mode` "single" never splits, "batch" splits whenever two or more
- * idle executors can take a share, "auto" splits when the cost model predicts the split at least
+ * idle executors can take a share (across as many as can), "auto" splits when the cost model predicts the split at least
  * SPLIT_GAIN times faster.
  */
 export function chooseMultiGpu<P>(args: {
@@ -161,7 +161,9 @@ export function chooseMultiGpu<P>(args: {
     explanation.push(
       `batch split over ${k} (${shares.map((s) => `${s.samples} on ${s.executorId}`).join(", ")}): the slowest share finishes in ${seconds(finishS)}`,
     );
-    if (!best || finishS < best.finishS) best = { shares, finishS };
+    // Asked for a split, the job is split across every idle executor that can take a share;
+    // else over as many as finish it soonest (fewer on a tie: they leave executors free).
+    if (!best || finishS < best.finishS || mode === "batch") best = { shares, finishS };
   }
   explanation.push(
     "pipeline split (stages of the model on different executors): not available in this version",
