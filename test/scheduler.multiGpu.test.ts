@@ -294,4 +294,24 @@ describe("batch split across executors", () => {
     const again = await client.runJob(spec({ multiGpu: "batch", seed: 10 }));
     expect(again.state).toBe(JobState.JOB_STATE_SUCCEEDED);
   }, 120_000);
+
+  it("re-runs the share of an executor killed mid-job elsewhere, and the output keeps its bits", async () => {
+    const { client } = cluster;
+    const long = spec({ multiGpu: "batch", steps: 150, seed: 11 });
+    const single = await client.runJob({ ...long, multiGpu: "single" });
+    const submitted = await client.submitJob(long);
+    const deadline = Date.now() + 30_000;
+    let info = await client.getJob(submitted.jobId);
+    while (Date.now() < deadline && info.lastStep === 0) {
+      await new Promise((done) => setTimeout(done, 25));
+      info = await client.getJob(submitted.jobId);
+    }
+    expect(info.multiGpu?.mode).toBe("batch");
+    const victim = info.multiGpu!.shares.at(-1)!.executorId;
+    cluster.executors[Number(victim.slice(3))].kill("SIGKILL");
+    const result = await client.watchUntilDone(submitted.jobId, undefined, 120_000);
+    expect(result.state).toBe(JobState.JOB_STATE_SUCCEEDED);
+    expect(Buffer.from(result.output).equals(Buffer.from(single.output))).toBe(true);
+    expect(cluster.logs.join("")).toMatch(new RegExp(`job ${submitted.jobId}\\.\\d queued again`));
+  }, 120_000);
 });
