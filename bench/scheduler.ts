@@ -36,6 +36,8 @@ export interface SchedulerBenchOptions {
   kills?: number;
   /** Scheduler restarts mid-stream (alternately SIGKILL and SIGTERM). @default 2 */
   restarts?: number;
+  /** Measure the batch split's speedup first (on the idle cluster). @default true */
+  batchSplit?: boolean;
   log?: (line: string) => void;
 }
 
@@ -49,7 +51,15 @@ export interface SchedulerBenchResult {
   p99_dispatch_ms: number;
   /** Dispatch of a job submitted to an idle cluster: the scheduler's own overhead. */
   idle_p50_dispatch_ms: number;
+  /**
+   * A batch split over all executors vs one executor, wall time submit → result, for a model that
+   * must stream on one, where transfer dominates the step (the regime the issue asks for).
+   */
   batch_split_speedup: number | null;
+  /** The same where compute dominates the step (the 4 executors share this machine's cores). */
+  batch_split_speedup_compute_bound: number | null;
+  /** Each regime: timings, the cost model's own choice (multi_gpu = auto), bitwise equality. */
+  batch_split: BatchSplitMeasure[];
   pipeline_speedup: number | null;
   notes: string[];
   checksum_mismatches: number;
@@ -59,6 +69,31 @@ export interface SchedulerBenchResult {
   failures: Record<string, number>;
   wall_s: number;
 }
+
+export interface BatchSplitMeasure {
+  regime: "transfer-bound" | "compute-bound";
+  /** The budget of every executor (the model does not fit it: it streams). */
+  budget_mib: number;
+  /** Weight bytes one executor streams per step running the whole batch. */
+  single_streamed_bytes_per_step: number;
+  batch: number;
+  tokens: number;
+  steps: number;
+  single_s: number;
+  split_s: number;
+  speedup: number;
+  shares: number;
+  /** What the cost model chooses for the job on its own (multi_gpu = auto), and why. */
+  auto_choice: string;
+  auto_reason: string;
+  predicted_single_s: number;
+  predicted_split_s: number;
+  /** The split's output equals the single run's, bit for bit. */
+  bitwise_identical: boolean;
+}
+
+/** The model the batch-split figure streams: 4 blocks of hidden 256, f32 (12.6 MB of weights). */
+const SPLIT_MODEL = { name: "dit-split", blocks: 4, hidden: 256, heads: 4, channels: 16 };
 
 const MODELS = [
   { name: "dit-a", blocks: 2, hidden: 64, heads: 2, channels: 8 },
@@ -112,13 +147,21 @@ export async function runSchedulerBench(
     );
   const client = new SchedulerClient(address, { deadlineMs: 10_000 });
   try {
-    for (const model of MODELS) {
+    for (const model of [...MODELS, SPLIT_MODEL]) {
       await genModel(join(dir, `${model.name}.safetensors`), { ...model, seed: 3 });
     }
     scheduler = spawnSchedulerProcess(schedulerArgs, logs);
     await client.ready(30_000);
     for (let i = 0; i < executorCount; i++) startExecutor(`bench-${i}`);
     await waitForExecutors(client, executorCount, logs, 60_000);
+
+    // Batch split vs one executor, on the idle cluster before the chaos.
+    const batchSplit: BatchSplitMeasure[] = [];
+    if (executorCount >= 2 && options.batchSplit !== false) {
+      log("measuring batch split vs one executor (transfer-bound, then compute-bound)");
+      batchSplit.push(await measureBatchSplit(client, "transfer-bound", 4, 16, 10, 4));
+      batchSplit.push(await measureBatchSplit(client, "compute-bound", 8, 128, 6, 20));
+    }
 
     // Each job streams its weights every step over a slow link, so it lasts long enough to be
     // killed mid-way; specs repeat, so each has a checksum measured alone.
@@ -281,10 +324,14 @@ export async function runSchedulerBench(
       p50_dispatch_ms: percentile(dispatchMs, 50),
       p99_dispatch_ms: percentile(dispatchMs, 99),
       idle_p50_dispatch_ms: percentile(idleDispatchMs, 50),
-      batch_split_speedup: null,
+      batch_split_speedup: batchSplit.find((m) => m.regime === "transfer-bound")?.speedup ?? null,
+      batch_split_speedup_compute_bound:
+        batchSplit.find((m) => m.regime === "compute-bound")?.speedup ?? null,
+      batch_split: batchSplit,
       pipeline_speedup: null,
       notes: [
-        "batch_split_speedup and pipeline_speedup are null: splitting a batch or a model across executors needs the multi-GPU support of the native layer that is being rewritten onto ggml; the scheduler runs each job on one executor.",
+        `batch split: ${SPLIT_MODEL.name} (12.6 MB f32) streams weights every step on each executor under its budget (4 MiB transfer-bound, 20 MiB compute-bound: the larger job's activations need room), over each executor's own 0.25 GB/s link. Every share streams the whole model, so where transfer dominates a split saves nothing (batch_split_speedup); it saves compute, which the ${executorCount} executors' single kernel threads share on this machine's cores (batch_split_speedup_compute_bound is bounded by the core count, not by ${executorCount}). What the cost model chooses on its own (multi_gpu = auto) is in batch_split[].auto_choice and auto_reason; it prices each executor's compute as its own, which CPU executors sharing a machine's cores are not. Details: bench/RESULTS-multigpu.md.`,
+        "pipeline_speedup is null: a pipeline split (stages of one model on different executors) is not built yet.",
         `dispatch latency is submit → the executor's run starting, queueing included: ${jobCount} jobs on ${executorCount} executors mostly wait their turn.`,
         `the ${executorCount} CPU executors share this machine's cores; each has its own emulated 0.25 GB/s link.`,
       ],
@@ -304,6 +351,79 @@ export async function runSchedulerBench(
     if (scheduler) await stopProcess(scheduler, "SIGKILL");
     await rm(dir, { recursive: true, force: true });
   }
+}
+
+/** Seconds of a job from submit to its result, as a client sees it. */
+async function timedRun(
+  client: SchedulerClient,
+  spec: JobSpec,
+): Promise<{ seconds: number; output: Buffer; shares: number }> {
+  const start = performance.now();
+  const result = await client.runJob(spec);
+  const seconds = (performance.now() - start) / 1000;
+  if (result.state !== JobState.JOB_STATE_SUCCEEDED) {
+    throw new Error(`batch split bench: job ${result.jobId} ended ${result.error?.message}`);
+  }
+  const info = await client.getJob(result.jobId);
+  return { seconds, output: Buffer.from(result.output), shares: info.multiGpu?.shares.length ?? 1 };
+}
+
+/**
+ * One regime of the batch-split figure: the job on one executor and split over every idle one
+ * (each measured twice after a warm-up run that reads the weights everywhere; the faster run
+ * counts), the cost model's own choice for it, and whether the outputs are the same bits.
+ */
+async function measureBatchSplit(
+  client: SchedulerClient,
+  regime: BatchSplitMeasure["regime"],
+  batch: number,
+  tokens: number,
+  steps: number,
+  budgetMiB: number,
+): Promise<BatchSplitMeasure> {
+  const spec = (multiGpu: string): JobSpec => ({
+    modelPath: SPLIT_MODEL.name,
+    steps,
+    batch,
+    tokens,
+    seed: 1,
+    maxVramGib: budgetMiB / 1024,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
+    policy: "ferry",
+    noStream: false,
+    executorId: "",
+    paramsBackend: "",
+    load: "",
+    verify: false,
+    multiGpu,
+  });
+  // Warm-up: the split reads the weights on every executor.
+  await timedRun(client, spec("batch"));
+  const single = [await timedRun(client, spec("single")), await timedRun(client, spec("single"))];
+  const split = [await timedRun(client, spec("batch")), await timedRun(client, spec("batch"))];
+  const best = (runs: typeof single) => runs.reduce((a, b) => (a.seconds <= b.seconds ? a : b));
+  const plan = await client.getPlan(spec("auto"));
+  const choice = plan.multiGpu!;
+  const singlePlan = await client.getPlan(spec("single"));
+  return {
+    regime,
+    budget_mib: budgetMiB,
+    single_streamed_bytes_per_step: singlePlan.plan?.streamedBytesPerStep ?? 0,
+    batch,
+    tokens,
+    steps,
+    single_s: best(single).seconds,
+    split_s: best(split).seconds,
+    speedup: best(single).seconds / best(split).seconds,
+    shares: best(split).shares,
+    auto_choice: choice.mode,
+    auto_reason: choice.explanation.at(-1) ?? "",
+    predicted_single_s: choice.singlePredictedS,
+    predicted_split_s: choice.splitPredictedS,
+    bitwise_identical: [...single, ...split].every((run) => run.output.equals(single[0].output)),
+  };
 }
 
 /** Adds `ferry bench scheduler`. */
@@ -341,7 +461,13 @@ export function registerBenchScheduler(bench: Command): void {
                 .map(([key, value]) => `${key.padEnd(22)} ${JSON.stringify(value)}`)
                 .join("\n")}\n`,
         );
-        if (result.lost > 0 || result.checksum_mismatches > 0) process.exitCode = 1;
+        if (
+          result.lost > 0 ||
+          result.checksum_mismatches > 0 ||
+          result.batch_split.some((m) => !m.bitwise_identical)
+        ) {
+          process.exitCode = 1;
+        }
       } catch (error) {
         process.stderr.write(`ferry bench scheduler: ${(error as Error).message}\n`);
         process.exitCode = 1;

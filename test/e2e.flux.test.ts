@@ -155,6 +155,14 @@ describe("a FLUX.1 denoising job end to end", () => {
     expect(refused).toBeInstanceOf(FerryClientError);
     expect((refused as FerryClientError).code).toBe("INVALID_ARGUMENT");
     expect((refused as FerryClientError).message).toContain('input "vec" holds 2800 bytes');
+    // A batch split cuts only the DiT's generated input by sample: asked for one, a FLUX job is
+    // refused, naming why.
+    const unsplit = await cluster.client
+      .runJob({ ...spec, batch: 2, multiGpu: "batch" })
+      .catch((error: unknown) => error as FerryClientError);
+    expect(unsplit).toBeInstanceOf(FerryClientError);
+    expect((unsplit as FerryClientError).code).toBe("INVALID_ARGUMENT");
+    expect((unsplit as FerryClientError).message).toContain("cannot be split across executors");
     const result = await cluster.client.runJob({
       ...spec,
       inputs: [{ name: "vec", shape: [1, 768], data: vec(768) }],

@@ -5,7 +5,13 @@ import { runSchedulerBench } from "../bench/scheduler";
 // 2 restarts): no job may be lost or come back with other bits than it gives alone.
 describe("the scheduler under failure", () => {
   it("loses no job when an executor is SIGKILLed mid-job and the scheduler restarts", async () => {
-    const result = await runSchedulerBench({ jobs: 24, executors: 2, kills: 1, restarts: 1 });
+    const result = await runSchedulerBench({
+      jobs: 24,
+      executors: 2,
+      kills: 1,
+      restarts: 1,
+      batchSplit: false,
+    });
     expect(result.executor_kills).toBe(1);
     expect(result.scheduler_restarts).toBe(1);
     expect(result.lost).toBe(0);

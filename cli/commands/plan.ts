@@ -80,6 +80,8 @@ export interface PlanCommandOptions {
   scheduler?: string;
   /** With --scheduler: the executor to plan for. @default the one a job would be placed on */
   executor?: string;
+  /** With --scheduler: "auto", "single" or "batch" (see JobSpec.multi_gpu). @default "auto" */
+  multiGpu?: string;
 }
 
 /** sd.cpp's `--max-vram`: any finite number of GiB, negatives included. */
@@ -125,6 +127,8 @@ export interface PlanOutcome {
   model?: ModelProfile;
   /** Lines to show on stderr (e.g. unknown fields of a profile file). */
   warnings: string[];
+  /** With --scheduler: one executor or a batch split, and why (the scheduler's lines). */
+  multiGpu?: string[];
 }
 
 /**
@@ -229,6 +233,7 @@ export async function planOnScheduler(
       contextTokens: job.contextTokens,
       shift: false,
       inputs: [],
+      multiGpu: options.multiGpu ?? "",
     });
     const model = await modelProfileFromFile(modelPath, job);
     const device = deviceProfileOf(response.device!);
@@ -239,6 +244,7 @@ export async function planOnScheduler(
       device,
       model,
       warnings: [],
+      multiGpu: response.multiGpu?.explanation,
     };
   } finally {
     client.close();
@@ -353,6 +359,10 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
     )
     .option("--executor <id>", "with --scheduler: plan for this executor")
     .option(
+      "--multi-gpu <mode>",
+      "with --scheduler: auto (the cost model chooses one executor or a batch split), single or batch",
+    )
+    .option(
       "--explain",
       "add the cost model's breakdown: copy, compute and stall per segment, the lower bound, " +
         "and the other policy's prediction",
@@ -380,6 +390,10 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
       try {
         const outcome = await obtainPlan(modelPath, options);
         for (const warning of outcome.warnings) io.stderr(`ferry plan: warning: ${warning}\n`);
+        // The scheduler's multi-GPU reasoning, when asked for (--explain, --multi-gpu).
+        if (options.explain || options.multiGpu) {
+          for (const line of outcome.multiGpu ?? []) io.stderr(`ferry plan: multi-GPU: ${line}\n`);
+        }
         io.stdout(renderPlanOutcome(outcome, options));
       } catch (error) {
         io.stderr(`ferry plan: ${messageOf(error)}\n`);

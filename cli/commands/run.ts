@@ -39,6 +39,7 @@ interface RunFlags extends ClientFlags, JobShapeFlags {
   policy: string;
   stream: boolean;
   executor?: string;
+  multiGpu?: string;
   json?: boolean;
   output?: string;
   paramsBackend?: string;
@@ -110,6 +111,10 @@ export function register(program: Command): void {
     .option("--policy <name>", `planning policy: ${KNOWN_POLICIES.join(", ")}`, "sdcpp")
     .option("--no-stream", "keep every segment resident (fails if the model does not fit)")
     .option("--executor <id>", "run on this executor")
+    .option(
+      "--multi-gpu <mode>",
+      "auto (the cost model chooses one executor or a batch split across idle ones), single or batch",
+    )
     .option("--params-backend <backend>", "cpu or disk (default: the executor's)")
     .option("--load <mode>", "lazy, eager or background (default: the executor's)")
     .option("--verify", "checksum each segment at first load and verify every transfer")
@@ -166,6 +171,7 @@ export function register(program: Command): void {
           paramsBackend: flags.paramsBackend ?? "",
           load: flags.load ?? "",
           verify: flags.verify ?? false,
+          multiGpu: flags.multiGpu ?? "",
         };
         const result = await context.with(trace.setSpan(context.active(), span), () =>
           client.runJob(

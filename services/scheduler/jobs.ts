@@ -6,6 +6,7 @@ import {
   type JobProgress,
   type JobResult,
   type JobSpec,
+  type MultiGpuChoice,
   type WatchJobResponse,
 } from "../../gen/ferry/v1/scheduler";
 import type { ModelProfile } from "../../lib/model/profile";
@@ -71,6 +72,21 @@ export class Job implements JobRow {
    * what the status page draws the job's timeline from.
    */
   readonly timeline: JobProgress["stats"][] = [];
+  /**
+   * Batch split: a share of a job (run on one executor like any job, but held only in this
+   * process, never listed, and finished into its parent) points at the job it is part of…
+   */
+  parent: Job | undefined;
+  /** …and the share's first sample in the parent's batch. */
+  firstSample = 0;
+  /** The share's output while its siblings still run. */
+  shareOutput: JobResult | undefined;
+  /** A split job's shares, in sample order (while it runs in this process). */
+  shares: Job[] | undefined;
+  /** How the job uses the executors (set when it was split). */
+  multiGpu: MultiGpuChoice | undefined;
+  /** Base segments for a share of `samples` samples (the profiles a batch split may use). */
+  readonly shareProfiles = new Map<number, ModelProfile>();
 
   constructor(row: JobRow) {
     this.id = row.id;
@@ -161,6 +177,7 @@ export class Job implements JobRow {
       checksum: this.checksum,
       outputShape: this.outputShape,
       totalSeconds: this.totalSeconds,
+      multiGpu: this.multiGpu,
     };
   }
 }

@@ -5,6 +5,7 @@ import {
   JobResult,
   JobState,
   SubmitJobRequest,
+  type MultiGpuChoice,
   type ConnectRequest,
   type DeviceInfo,
   type ExecutorInfo,
@@ -66,6 +67,17 @@ import { JobStore, type JobRow } from "./jobStore";
 import { ModelRepository, type ResolvedModel } from "./modelRepository";
 import { ASSUMED_DISK_GBPS, choosePlacement, type PlacementCandidate } from "./placement";
 import { planToMessage } from "./planProto";
+import {
+  chooseMultiGpu,
+  MAX_SPLIT,
+  MULTI_GPU_MODES,
+  possibleShareSizes,
+  type MultiGpuDecision,
+  type MultiGpuMode,
+  type SplitCandidate,
+} from "./multiGpu";
+import { predictedFinishS } from "./placement";
+import type { ModelProfile } from "../../lib/model/profile";
 
 export const DEFAULT_TOKENS = 64;
 /** A placement estimate is reused this long (plans move only as calibration refines rates). */
@@ -323,6 +335,8 @@ export class Scheduler {
     const held = new Set(holdings?.heldResultJobIds ?? []);
     for (const job of [...this.jobs.values()]) {
       if (job.state !== JobState.JOB_STATE_RUNNING || job.executorId !== entry.id) continue;
+      // A split job runs as its shares (each reconciled on its own executor).
+      if (job.shares) continue;
       if (reported.has(job.id) || held.has(job.id)) {
         entry.running.add(job);
         if (!job.profile) void this.prepare(job);
@@ -348,7 +362,7 @@ export class Scheduler {
       ) {
         job.state = JobState.JOB_STATE_RUNNING;
         entry.running.add(job);
-        this.store.save(job);
+        this.save(job);
         this.log(
           `ferry scheduler: job ${job.id} carries on where it ran: executor ${entry.id} still has it`,
         );
@@ -443,7 +457,7 @@ export class Scheduler {
     }
     if (this.startedMs < deadline) {
       for (const job of [...this.jobs.values()]) {
-        if (job.state !== JobState.JOB_STATE_RUNNING) continue;
+        if (job.state !== JobState.JOB_STATE_RUNNING || job.shares) continue;
         const entry = this.executors.get(job.executorId);
         if (entry && entry.state !== "lost") continue;
         if (entry?.running.has(job)) continue;
@@ -497,7 +511,7 @@ export class Scheduler {
 
   /** Every job the scheduler holds (queued, running, finished), oldest first. */
   allJobs(): Job[] {
-    return [...this.jobs.values()].sort((a, b) => a.seq - b.seq);
+    return [...this.jobs.values()].filter((job) => !job.parent).sort((a, b) => a.seq - b.seq);
   }
 
   /** Validates a spec's fields and fills in the defaults (the model is resolved separately). */
@@ -524,6 +538,7 @@ export class Scheduler {
     } catch (error) {
       throw new StatusError(status.INVALID_ARGUMENT, (error as Error).message);
     }
+    checkChoice("multi_gpu", spec.multiGpu ?? "", MULTI_GPU_MODES);
     return {
       ...spec,
       policy,
@@ -543,9 +558,11 @@ export class Scheduler {
   }
 
   /** Resolves the job's model and reads its base segments; the output must fit a message. */
-  private async loadModelFor(
-    spec: ResolvedJobSpec,
-  ): Promise<{ model: ResolvedModel; profile: Job["profile"] }> {
+  private async loadModelFor(spec: ResolvedJobSpec): Promise<{
+    model: ResolvedModel;
+    profile: Job["profile"];
+    shareProfiles: Map<number, ModelProfile>;
+  }> {
     const models = this.requireModels();
     const model = await models.resolve(spec.modelPath);
     const header = await models.header(model);
@@ -563,7 +580,32 @@ export class Scheduler {
     }
     checkJobInputs(inputs, spec.inputs);
     const profile = await models.profile(model, spec.batch, spec.tokens, spec.contextTokens);
-    return { model, profile };
+    // The base segments of every share a batch split of this job may use, measured now: the
+    // placement pass that decides on a split cannot wait for native measurements.
+    const shareProfiles = new Map<number, ModelProfile>();
+    // A share's generated input is the job's from its first sample on (executor.ts shareSeed),
+    // defined for the DiT's one latent; inputs sent with the job would have to be cut per share.
+    const unsplittable =
+      spec.inputs.length > 0
+        ? "it carries its own input tensors"
+        : header.ditConfig
+          ? undefined
+          : "only the DiT's generated input is split by sample so far";
+    if (unsplittable && spec.multiGpu === "batch") {
+      throw new StatusError(
+        status.INVALID_ARGUMENT,
+        `multi_gpu "batch": this job cannot be split across executors: ${unsplittable}`,
+      );
+    }
+    if (multiGpuMode(spec) !== "single" && !unsplittable) {
+      for (const samples of possibleShareSizes(spec.batch, MAX_SPLIT)) {
+        shareProfiles.set(
+          samples,
+          await models.profile(model, samples, spec.tokens, spec.contextTokens),
+        );
+      }
+    }
+    return { model, profile, shareProfiles };
   }
 
   /** A queued or restored job's model and profile, read again (the file may have changed). */
@@ -571,9 +613,15 @@ export class Scheduler {
     if (this.preparing.has(job)) return;
     this.preparing.add(job);
     try {
-      const { model, profile } = await this.loadModelFor({ ...job.spec, modelPath: job.modelRef });
+      const { model, profile, shareProfiles } = await this.loadModelFor({
+        ...job.spec,
+        modelPath: job.modelRef,
+      });
       job.model = model;
       job.profile = profile;
+      for (const [samples, shareProfile] of shareProfiles) {
+        job.shareProfiles.set(samples, shareProfile);
+      }
       job.spec = { ...job.spec, modelPath: model.path };
       if (job.plan && job.segmentFlops.length === 0) {
         job.segmentFlops = job.plan.segments.map((segment) =>
@@ -719,6 +767,17 @@ export class Scheduler {
       }
       const options = this.candidates(job, this.executors.values(), extraWaitS);
       const choice = choosePlacement(options.map((option) => option.candidate));
+      if (this.splittable(job)) {
+        const decision = this.multiGpuDecision(
+          job,
+          choice,
+          choice && options.find((o) => o.candidate === choice)!.entry,
+        );
+        if (decision.mode === "batch") {
+          this.startSplit(job, decision);
+          continue;
+        }
+      }
       if (!choice) continue;
       const entry = options.find((option) => option.candidate === choice)!.entry;
       if (choice.idle) {
@@ -728,6 +787,188 @@ export class Scheduler {
         extraWaitS.set(entry.id, (extraWaitS.get(entry.id) ?? 0) + choice.runS);
       }
     }
+  }
+
+  private save(job: Job): void {
+    // A share lives only in this process: after a restart its parent runs again.
+    if (!job.parent) this.store.save(job);
+  }
+
+  /** A job the cost model may split across executors (it has its share profiles). */
+  private splittable(job: Job): boolean {
+    return (
+      !job.parent &&
+      job.spec.batch >= 2 &&
+      !job.spec.executorId &&
+      multiGpuMode(job.spec) !== "single" &&
+      job.shareProfiles.size > 0
+    );
+  }
+
+  /**
+   * One executor or a batch split across the idle ones (of the kind `single` has, so every share
+   * runs the same kernels), priced with each executor's calibrated cost model.
+   */
+  private multiGpuDecision(
+    job: Pick<Job, "spec" | "profile" | "model" | "shareProfiles">,
+    single: PlacementCandidate | undefined,
+    singleEntry: ExecutorEntry | undefined,
+  ): MultiGpuDecision<PlanMessage> {
+    const kind = singleEntry?.device.kind;
+    const idle: SplitCandidate<PlanMessage>[] = [...this.executors.values()]
+      .filter((entry) => entry.idle && (kind === undefined || entry.device.kind === kind))
+      .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
+      .map((entry) => ({
+        id: entry.id,
+        price: (samples: number) => {
+          const estimate = this.shareEstimate(job, entry, samples);
+          if (!estimate) return undefined;
+          return {
+            plan: estimate.plan,
+            runS: estimate.runS,
+            coldLoadS: entry.isWarm(job.spec.modelPath)
+              ? 0
+              : (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9),
+          };
+        },
+      }));
+    return chooseMultiGpu({
+      mode: multiGpuMode(job.spec),
+      batch: job.spec.batch,
+      single: single && { id: single.id, finishS: predictedFinishS(single), idle: single.idle },
+      idle,
+    });
+  }
+
+  /** The plan and predicted run of `samples` of the job on an executor (cached like estimate). */
+  private shareEstimate(
+    job: Pick<Job, "spec" | "model" | "shareProfiles">,
+    entry: ExecutorEntry,
+    samples: number,
+  ): Estimate | undefined {
+    const profile = job.shareProfiles.get(samples);
+    if (!profile) return undefined;
+    const s = job.spec;
+    const key = `${entry.id}|${s.modelPath}|${job.model?.mtimeMs}|${samples}|${s.tokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
+    const cached = this.estimates.get(key);
+    if (cached && Date.now() - cached.atMs < ESTIMATE_TTL_MS) return cached;
+    let estimate: Estimate | undefined;
+    try {
+      estimate = this.plan({ spec: { ...s, batch: samples }, profile }, entry);
+    } catch {
+      estimate = undefined;
+    }
+    if (this.estimates.size > 4096) this.estimates.clear();
+    if (estimate) this.estimates.set(key, estimate);
+    return estimate;
+  }
+
+  /**
+   * Runs a job as a batch split: one share per chosen executor, each a job of its samples that
+   * runs like any other (re-queued if its executor is lost) and finishes into this one.
+   */
+  private startSplit(job: Job, decision: MultiGpuDecision<PlanMessage>): void {
+    const entries = decision.shares.map((share) => this.executors.get(share.executorId));
+    if (entries.some((entry) => !entry?.idle)) return;
+    this.queue.remove(job);
+    job.state = JobState.JOB_STATE_RUNNING;
+    job.executorId = decision.shares[0].executorId;
+    job.plan = decision.shares[0].plan;
+    job.attempts++;
+    job.dispatchedMs = Date.now();
+    job.startedMs = 0;
+    job.resetProgress();
+    job.multiGpu = multiGpuMessage(decision);
+    job.shares = decision.shares.map((share, index) => {
+      const child = new Job({
+        ...job,
+        id: `${job.id}.${index}`,
+        idempotencyKey: "",
+        spec: { ...job.spec, batch: share.samples, executorId: "", multiGpu: "single" },
+        state: JobState.JOB_STATE_QUEUED,
+        executorId: "",
+        plan: undefined,
+        attempts: 0,
+        startedMs: 0,
+        finishedMs: 0,
+      });
+      child.parent = job;
+      child.firstSample = share.firstSample;
+      child.model = job.model;
+      child.profile = job.shareProfiles.get(share.samples);
+      this.jobs.set(child.id, child);
+      return child;
+    });
+    this.save(job);
+    job.span?.setAttribute("ferry.multi_gpu", "batch");
+    job.span?.setAttribute("ferry.shares", job.shares.length);
+    this.log(
+      `ferry scheduler: job ${job.id} split across ${job.shares.length} executors (${decision.shares.map((s) => `${s.samples} on ${s.executorId}`).join(", ")})`,
+    );
+    for (const [index, child] of job.shares.entries()) this.start(child, entries[index]!);
+  }
+
+  /** A share finished: the job fails with it, or succeeds with every share's output concatenated. */
+  private shareFinished(share: Job, result: JobResult): void {
+    const job = share.parent!;
+    share.finish(result, Date.now());
+    this.jobs.delete(share.id);
+    if (job.finished) return;
+    const shares = job.shares ?? [];
+    const index = shares.indexOf(share);
+    const last = share.firstSample + share.spec.batch - 1;
+    if (result.state !== JobState.JOB_STATE_SUCCEEDED) {
+      for (const sibling of shares) {
+        if (sibling === share || sibling.finished) continue;
+        sibling.cancelRequested = true;
+        if (this.queue.remove(sibling)) {
+          sibling.state = JobState.JOB_STATE_CANCELLED;
+          this.jobs.delete(sibling.id);
+        } else {
+          this.executors
+            .get(sibling.executorId)
+            ?.send({ $case: "cancelRun", value: { jobId: sibling.id } });
+        }
+      }
+      const cancelled = job.cancelRequested || result.state === JobState.JOB_STATE_CANCELLED;
+      this.completeJob(
+        job,
+        JobResult.fromPartial({
+          jobId: job.id,
+          state: cancelled ? JobState.JOB_STATE_CANCELLED : JobState.JOB_STATE_FAILED,
+          error: {
+            code: result.error?.code || (cancelled ? "CANCELLED" : "INTERNAL"),
+            message: `share ${index} of the batch split (samples ${share.firstSample}–${last}, on executor ${share.executorId || "none"}): ${result.error?.message ?? "failed"}`,
+          },
+          steps: result.steps,
+          executorId: share.executorId,
+        }),
+      );
+      return;
+    }
+    share.shareOutput = result;
+    if (!shares.every((s) => s.shareOutput)) return;
+    const output = Buffer.concat(shares.map((s) => s.shareOutput!.output));
+    const shape = [...shares[0].shareOutput!.outputShape];
+    shape[0] = shares.reduce((sum, s) => sum + (s.shareOutput!.outputShape[0] ?? 0), 0);
+    this.completeJob(
+      job,
+      JobResult.fromPartial({
+        jobId: job.id,
+        state: job.cancelRequested ? JobState.JOB_STATE_CANCELLED : JobState.JOB_STATE_SUCCEEDED,
+        error: job.cancelRequested
+          ? { code: "CANCELLED", message: "cancelled while its shares finished" }
+          : undefined,
+        checksum: job.cancelRequested ? "" : createHash("sha256").update(output).digest("hex"),
+        output: job.cancelRequested ? Buffer.alloc(0) : output,
+        outputShape: shape,
+        // The first share's steps stand for the job's (every share runs every step).
+        steps: shares[0].shareOutput!.steps,
+        stepsOmitted: shares[0].shareOutput!.stepsOmitted,
+        totalSeconds: (Date.now() - job.dispatchedMs) / 1000,
+        executorId: shares[0].executorId,
+      }),
+    );
   }
 
   private start(job: Job, entry: ExecutorEntry): void {
@@ -747,17 +988,20 @@ export class Scheduler {
     job.startedMs = 0;
     job.resetProgress();
     entry.running.add(job);
-    this.store.save(job);
+    this.save(job);
     job.span?.setAttribute("ferry.executor.id", entry.id);
     job.span?.setAttribute("ferry.resident_bytes", estimate.plan.residentBytes);
     job.span?.setAttribute("ferry.streamed_bytes_per_step", estimate.plan.streamedBytesPerStep);
+    // A share's executor spans join its job's trace.
+    const span = job.parent ? job.parent.span : job.span;
     entry.send({
       $case: "runJob",
       value: {
         jobId: job.id,
         spec: job.spec,
         plan: job.plan,
-        traceparent: job.span ? traceparentOf(trace.setSpan(ROOT_CONTEXT, job.span)) : "",
+        traceparent: span ? traceparentOf(trace.setSpan(ROOT_CONTEXT, span)) : "",
+        firstSample: job.firstSample,
       },
     });
   }
@@ -805,7 +1049,7 @@ export class Scheduler {
     const earlier = key ? this.byKey.get(key) : undefined;
     if (earlier) return this.existingOutcome(earlier, hash);
     const spec = this.resolveSpec(request.spec);
-    const { model, profile } = await this.loadModelFor(spec);
+    const { model, profile, shareProfiles } = await this.loadModelFor(spec);
     const probe = { spec: { ...spec, modelPath: model.path }, profile, model } as Job;
     const entries = [...this.executors.values()].filter((entry) => entry.connected);
     if (spec.executorId) {
@@ -886,7 +1130,10 @@ export class Scheduler {
     const job = new Job(row);
     job.model = model;
     job.profile = profile;
-    this.store.save(job);
+    for (const [samples, shareProfile] of shareProfiles) {
+      job.shareProfiles.set(samples, shareProfile);
+    }
+    this.save(job);
     this.jobs.set(job.id, job);
     if (key) this.byKey.set(key, job);
     job.span = this.jobSpan(job, parent);
@@ -920,10 +1167,17 @@ export class Scheduler {
   }
 
   /** The plan a spec would get, on the executor asked for or the one placement would choose. */
-  async getPlan(spec: JobSpec | undefined): Promise<{ plan: PlanMessage; executorId: string }> {
+  async getPlan(
+    spec: JobSpec | undefined,
+  ): Promise<{ plan: PlanMessage; executorId: string; multiGpu: MultiGpuChoice }> {
     const resolved = this.resolveSpec(spec);
-    const { model, profile } = await this.loadModelFor(resolved);
-    const probe = { spec: { ...resolved, modelPath: model.path }, profile, model } as Job;
+    const { model, profile, shareProfiles } = await this.loadModelFor(resolved);
+    const probe = {
+      spec: { ...resolved, modelPath: model.path },
+      profile,
+      model,
+      shareProfiles,
+    } as Job;
     if (resolved.executorId) {
       const entry = this.executors.get(resolved.executorId);
       if (!entry || !entry.connected) {
@@ -932,7 +1186,17 @@ export class Scheduler {
           `no executor with id ${quote(resolved.executorId)}`,
         );
       }
-      return { plan: this.plan(probe, entry).plan, executorId: entry.id };
+      return {
+        plan: this.plan(probe, entry).plan,
+        executorId: entry.id,
+        multiGpu: {
+          mode: "single",
+          shares: [],
+          singlePredictedS: 0,
+          splitPredictedS: 0,
+          explanation: [`chose one executor: the job asked for executor ${entry.id}`],
+        },
+      };
     }
     const entries = [...this.executors.values()].filter((entry) => entry.connected);
     if (entries.length === 0) {
@@ -942,11 +1206,12 @@ export class Scheduler {
       );
     }
     let firstError: unknown;
-    const priced: { candidate: PlacementCandidate; plan: PlanMessage }[] = [];
+    const priced: { candidate: PlacementCandidate; plan: PlanMessage; entry: ExecutorEntry }[] = [];
     for (const entry of entries) {
       try {
         const estimate = this.plan(probe, entry);
         priced.push({
+          entry,
           plan: estimate.plan,
           candidate: {
             id: entry.id,
@@ -961,9 +1226,19 @@ export class Scheduler {
         firstError ??= error;
       }
     }
-    if (priced.length === 0) throw toStatusError(firstError, this.log);
-    const best = choosePlacement(priced.map((p) => p.candidate))!;
-    return { plan: priced.find((p) => p.candidate === best)!.plan, executorId: best.id };
+    const best = choosePlacement(priced.map((p) => p.candidate));
+    const chosen = priced.find((p) => p.candidate === best);
+    const decision = this.multiGpuDecision(probe, best, chosen?.entry);
+    if (decision.mode === "batch") {
+      const first = decision.shares[0];
+      return {
+        plan: first.plan,
+        executorId: first.executorId,
+        multiGpu: multiGpuMessage(decision),
+      };
+    }
+    if (!chosen) throw toStatusError(firstError, this.log);
+    return { plan: chosen.plan, executorId: chosen.entry.id, multiGpu: multiGpuMessage(decision) };
   }
 
   private onJobUpdate(entry: ExecutorEntry, update: JobUpdate): void {
@@ -1013,9 +1288,15 @@ export class Scheduler {
       return;
     }
     if (!mine) return;
+    const parent = job.parent;
     if (body.$case === "started") {
       job.startedMs = Date.now();
-      this.store.save(job);
+      this.save(job);
+      // A split job has started when its first share has.
+      if (parent && !parent.startedMs) {
+        parent.startedMs = job.startedMs;
+        this.save(parent);
+      }
       return;
     }
     if (!job.startedMs) job.startedMs = Date.now();
@@ -1024,11 +1305,20 @@ export class Scheduler {
       body.value.stats.events = [];
     }
     job.addProgress(body.value);
+    // A split job's watchers hear a step once every share has done it (from the last one).
+    if (parent?.shares && !parent.finished) {
+      const done = Math.min(...parent.shares.map((share) => share.lastStep));
+      if (done > parent.lastStep) parent.addProgress({ ...body.value, jobId: parent.id });
+    }
   }
 
   /** Back to the queue after its executor was lost, or failed when it has had its attempts. */
   private requeueOrFail(job: Job, reason: string): void {
     if (job.finished) return;
+    if (job.parent?.finished) {
+      this.jobs.delete(job.id);
+      return;
+    }
     if (job.cancelRequested) {
       this.finishJob(job, JobState.JOB_STATE_CANCELLED, status.CANCELLED, `cancelled (${reason})`);
       return;
@@ -1048,7 +1338,7 @@ export class Scheduler {
       this.log(`ferry scheduler: job ${job.id} queued again: ${reason}`);
       job.state = JobState.JOB_STATE_QUEUED;
       job.resetProgress();
-      this.store.save(job);
+      this.save(job);
       this.queue.push(job);
       this.schedulePass();
       return;
@@ -1106,7 +1396,9 @@ export class Scheduler {
     for (const state of states) checkInteger("states", state, 1, 5);
     const wanted = new Set(states);
     const jobs = [...this.jobs.values()]
-      .filter((job) => job.seq > after && (wanted.size === 0 || wanted.has(job.state)))
+      .filter(
+        (job) => !job.parent && job.seq > after && (wanted.size === 0 || wanted.has(job.state)),
+      )
       .sort((a, b) => a.seq - b.seq);
     const page = jobs.slice(0, size);
     return {
@@ -1128,6 +1420,20 @@ export class Scheduler {
       return job.state;
     }
     job.cancelRequested = true;
+    if (job.shares) {
+      for (const share of job.shares) {
+        if (share.finished) continue;
+        share.cancelRequested = true;
+        if (this.queue.remove(share)) {
+          this.finishJob(share, JobState.JOB_STATE_CANCELLED, status.CANCELLED, "cancelled");
+        } else {
+          this.executors
+            .get(share.executorId)
+            ?.send({ $case: "cancelRun", value: { jobId: share.id } });
+        }
+      }
+      return job.state;
+    }
     // The executor stops at the next segment boundary and reports CANCELLED; an unreachable one
     // is told when it comes back (reconcile), or the job ends CANCELLED when it is lost.
     this.executors.get(job.executorId)?.send({ $case: "cancelRun", value: { jobId: job.id } });
@@ -1147,6 +1453,10 @@ export class Scheduler {
   }
 
   private completeJob(job: Job, result: JobResult): void {
+    if (job.parent) {
+      if (!job.finished) this.shareFinished(job, result);
+      return;
+    }
     if (!job.finish(result, Date.now())) return;
     this.metrics.jobFinished(job);
     try {
@@ -1475,4 +1785,26 @@ export class Scheduler {
   get stopping(): boolean {
     return this.lifecycle !== "running";
   }
+}
+
+/** A spec's multi-GPU mode ("" = "auto"). */
+function multiGpuMode(spec: JobSpec): MultiGpuMode {
+  return (spec.multiGpu || "auto") as MultiGpuMode;
+}
+
+/** A decision as the API reports it. */
+export function multiGpuMessage(decision: MultiGpuDecision<PlanMessage>): MultiGpuChoice {
+  return {
+    mode: decision.mode,
+    shares: decision.shares.map((share) => ({
+      executorId: share.executorId,
+      firstSample: share.firstSample,
+      samples: share.samples,
+      plan: share.plan,
+      predictedS: share.predictedS,
+    })),
+    singlePredictedS: decision.singleS ?? 0,
+    splitPredictedS: decision.splitS ?? 0,
+    explanation: decision.explanation,
+  };
 }

@@ -201,11 +201,12 @@ function serviceImplementation(
     }, log),
 
     getPlan: unary(async (call) => {
-      const { plan, executorId } = await scheduler.getPlan(call.request.spec);
+      const { plan, executorId, multiGpu } = await scheduler.getPlan(call.request.spec);
       // The device as it was planned for: calibrated rates, not only the registered ones.
       return GetPlanResponse.fromPartial({
         plan,
         executorId,
+        multiGpu,
         device: scheduler.calibratedDeviceOf(executorId),
       });
     }, log),
