@@ -17,6 +17,7 @@ import {
 } from "../../gen/ferry/v1/scheduler";
 import { bearerInterceptor, channelCredentials, type ClientTlsFiles } from "../wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../wire/limits";
+import { OutputAssembler } from "../wire/outputChunks";
 
 /** The error a failed call or job gives: the gRPC status code name and the server's message. */
 export class FerryClientError extends Error {
@@ -198,18 +199,34 @@ export class SchedulerClient {
     onProgress: (progress: JobProgress) => void = () => {},
   ): Promise<JobResult> {
     return new Promise((resolveWatch, reject) => {
-      const call = this.client.watchJob({ jobId });
+      const call = this.client.watchJob({ jobId, outputChunkBytes: 0 });
       let result: JobResult | undefined;
+      let failure: FerryClientError | undefined;
+      // A large output comes in chunks before the result; the result then carries none.
+      const output = new OutputAssembler();
       call.on("data", (response: WatchJobResponse) => {
         const event = response.event;
-        if (event?.$case === "progress") onProgress(event.value);
-        else if (event?.$case === "result") result = event.value;
+        if (event?.$case === "progress") {
+          onProgress(event.value);
+          return;
+        }
+        try {
+          if (event?.$case === "outputChunk") output.add(event.value);
+          else if (event?.$case === "result") result = output.complete(event.value);
+        } catch (error) {
+          failure ??= new FerryClientError("DATA_LOSS", (error as Error).message);
+          call.cancel();
+        }
       });
-      call.on("error", (error: ServiceError) => reject(fromServiceError(error)));
+      call.on("error", (error: ServiceError) => reject(failure ?? fromServiceError(error)));
       call.on("end", () =>
-        result
-          ? resolveWatch(result)
-          : reject(new FerryClientError("UNKNOWN", `the watch of ${jobId} ended without a result`)),
+        failure
+          ? reject(failure)
+          : result
+            ? resolveWatch(result)
+            : reject(
+                new FerryClientError("UNKNOWN", `the watch of ${jobId} ended without a result`),
+              ),
       );
     });
   }
