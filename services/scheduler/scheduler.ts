@@ -1058,6 +1058,7 @@ export class Scheduler {
 
   getJob(id: string): Job {
     checkString("job_id", id, MAX_ID_LENGTH);
+    if (id === "") throw new StatusError(status.INVALID_ARGUMENT, "job_id is required");
     const job = this.jobs.get(id);
     if (!job) {
       throw new StatusError(
