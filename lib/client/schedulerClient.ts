@@ -1,4 +1,4 @@
-import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Metadata, status, type ChannelOptions, type ServiceError } from "@grpc/grpc-js";
 import { context, propagation } from "@opentelemetry/api";
 import {
   JobState,
@@ -50,6 +50,11 @@ export interface SchedulerClientOptions {
   tls?: ClientTlsFiles;
   /** Deadline of each unary call, ms (watches have none). @default 30_000 */
   deadlineMs?: number;
+  /**
+   * More grpc-js channel options, e.g. `{ "grpc.use_local_subchannel_pool": 1 }` for a
+   * connection of its own (clients in one process otherwise share one). @default {}
+   */
+  channelOptions?: ChannelOptions;
 }
 
 export interface SubmitOptions {
@@ -70,6 +75,7 @@ export class SchedulerClient {
   ) {
     this.deadlineMs = options.deadlineMs ?? 30_000;
     this.client = new SchedulerServiceClient(address, channelCredentials(options.tls), {
+      ...options.channelOptions,
       "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
       "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
       interceptors: options.token ? [bearerInterceptor(options.token)] : [],
