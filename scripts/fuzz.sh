@@ -2,7 +2,8 @@
 # libFuzzer on the model readers: builds native/fuzz/ (fuzz_safetensors, fuzz_gguf) with clang,
 # ASan and UBSan — ggml included, so ggml's GGUF reader is instrumented too — writes the seed
 # corpora (valid files of every dtype from the test writers, plus the shared fixtures when they
-# exist), runs each target for a fixed time and prints what it tried.
+# exist), runs each target for a fixed time and prints what it tried. Its build (build-fuzz/cmake)
+# is shared with scripts/test-asan.sh, which configures it the same way.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60; FERRY_FUZZ_SECONDS also sets it)
 #
@@ -35,7 +36,7 @@ generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 mkdir -p "$out"
 CC=clang CXX=clang++ cmake -S "$root" -B "$out/cmake" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DFERRY_FUZZ=ON -DFERRY_SANITIZE=address,undefined -DFERRY_BUILD_TESTS=OFF \
+  -DFERRY_FUZZ=ON -DFERRY_SANITIZE=address,undefined -DFERRY_BUILD_TESTS=ON \
   -DFERRY_GGML_DIR="$ggml" >"$out/configure.log" 2>&1 || { cat "$out/configure.log" >&2; exit 2; }
 cmake --build "$out/cmake" --parallel "${FERRY_BUILD_JOBS:-2}" --target fuzz_safetensors fuzz_gguf fuzz_seeds >"$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log" >&2; exit 2; }
