@@ -45,10 +45,10 @@ describe("resolveBudget (sd.cpp --max-vram)", () => {
     );
   });
 
-  it("0: no split; B = 0 and E = free − margin (streaming) or free", () => {
+  it("0: no split; B = 0 and E = free, streaming or not (nothing streams: no margin)", () => {
     expect(resolveBudget({ freeBytes: free, maxVramGiB: 0, stream: true })).toEqual({
       B: 0,
-      E: 12_348_030_976,
+      E: free,
       mode: "no-split",
     });
     expect(resolveBudget({ freeBytes: free, maxVramGiB: 0, stream: false })).toEqual({
@@ -106,8 +106,10 @@ describe("resolveBudget (sd.cpp --max-vram)", () => {
       expect(() => resolveBudget({ freeBytes: margin, stream: true })).toThrow(
         "the device leaves no memory: free 512.0 MiB is not more than the 512.0 MiB streaming margin",
       );
-      expect(() => resolveBudget({ freeBytes: margin, maxVramGiB: 0, stream: true })).toThrow(
-        PlanError,
+      // No split streams nothing: a 512 MiB device has a 512 MiB budget (issue 12).
+      expect(resolveBudget({ freeBytes: margin, maxVramGiB: 0, stream: true }).E).toBe(margin);
+      expect(() => resolveBudget({ freeBytes: 0, maxVramGiB: 0, stream: true })).toThrow(
+        "--max-vram 0 leaves no memory: 0 B free",
       );
       // Without streaming there is no margin: one byte above it is a budget.
       expect(resolveBudget({ freeBytes: margin + 1, stream: false }).E).toBe(margin + 1);

@@ -130,7 +130,7 @@ describe("formatPlan", () => {
     });
     const text = formatPlan(plan);
     expect(text).toContain("  B      0 B  no split (--max-vram 0)");
-    expect(text).toContain("  E  1.0 GiB  free (no split)");
+    expect(text).toContain("  E  1.0 GiB  free (no split: nothing streams, so no margin)");
     expect(text).toContain("  0   0-1  blocks.0 .. blocks.1  2.0 MiB      0 B  resident");
     expect(text).toContain("Residency: no split: the whole model is one resident segment");
   });

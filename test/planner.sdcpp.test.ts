@@ -306,9 +306,9 @@ describe("no split (--max-vram 0)", () => {
     seg("b", 200 * MiB, 80 * MiB, 20 * MiB, 10 * MiB, 1 * MiB),
   ];
 
-  it("one resident segment over every base segment; B = 0, P = E = free − 512 MiB", () => {
+  it("one resident segment over every base segment; B = 0, P = E = free (no streaming margin)", () => {
     const plan = planJob(model(segments), device(2 * GiB), { ...stream, maxVramGiB: 0 });
-    expect(plan.budget).toEqual({ B: 0, E: 1536 * MiB, P: 1536 * MiB });
+    expect(plan.budget).toEqual({ B: 0, E: 2 * GiB, P: 2 * GiB });
     expect(plan.segments).toEqual([
       {
         index: 0,
@@ -323,6 +323,20 @@ describe("no split (--max-vram 0)", () => {
     ]);
     expect(plan.resident_bytes).toBe(300 * MiB);
     expect(plan.streamed_bytes_per_step).toBe(0);
+  });
+
+  it("a 512 MiB device runs a model that fits without streaming (no 512 MiB margin; issue 12)", () => {
+    // Σparam 150 MiB + W (150 params + 60 compute) = 360 MiB ≤ 512 MiB: it fits. Before, E was
+    // free − 512 MiB = 0 and the job was refused.
+    const small = [seg("a", 50 * MiB, 30 * MiB), seg("b", 100 * MiB, 60 * MiB)];
+    // Σparam 300 MiB + W 380 MiB = 680 MiB > 512 MiB: it does not.
+    const big = [seg("a", 100 * MiB, 50 * MiB), seg("b", 200 * MiB, 80 * MiB)];
+    const plan = planJob(model(small), device(512 * MiB), { ...stream, maxVramGiB: 0 });
+    expect(plan.budget).toEqual({ B: 0, E: 512 * MiB, P: 512 * MiB });
+    expect(plan.segments.map((s) => s.resident)).toEqual([true]);
+    expect(() => planJob(model(big), device(512 * MiB), { ...stream, maxVramGiB: 0 })).toThrow(
+      /does not fit without splitting \(--max-vram 0\)/,
+    );
   });
 
   it("without streaming E = free", () => {

@@ -26,6 +26,7 @@ import {
 } from "../../bench/plan";
 import { registerBenchExecutor } from "../../bench/executor";
 import { registerBenchLoad } from "../../bench/load";
+import { registerBenchReliability } from "../../bench/reliability";
 import { registerBenchScheduler } from "../../bench/scheduler";
 import { registerBenchTracing } from "../../bench/tracing";
 import { formatPredictBench, runPredictBench } from "../../bench/predict";
@@ -140,6 +141,7 @@ export function register(program: Command, io: BenchCommandIo = processIo): void
   registerBenchExecutor(bench);
   registerBenchLoad(bench);
   registerBenchScheduler(bench);
+  registerBenchReliability(bench);
   registerBenchTracing(bench);
   bench
     .command("profiles")

@@ -1,4 +1,4 @@
-import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Metadata, status, type ChannelOptions, type ServiceError } from "@grpc/grpc-js";
 import { context, propagation } from "@opentelemetry/api";
 import {
   JobState,
@@ -18,6 +18,7 @@ import {
 } from "../../gen/ferry/v1/scheduler";
 import { bearerInterceptor, channelCredentials, type ClientTlsFiles } from "../wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../wire/limits";
+import { OutputAssembler } from "../wire/outputChunks";
 
 /** The error a failed call or job gives: the gRPC status code name and the server's message. */
 export class FerryClientError extends Error {
@@ -50,6 +51,11 @@ export interface SchedulerClientOptions {
   tls?: ClientTlsFiles;
   /** Deadline of each unary call, ms (watches have none). @default 30_000 */
   deadlineMs?: number;
+  /**
+   * More grpc-js channel options, e.g. `{ "grpc.use_local_subchannel_pool": 1 }` for a
+   * connection of its own (clients in one process otherwise share one). @default {}
+   */
+  channelOptions?: ChannelOptions;
 }
 
 export interface SubmitOptions {
@@ -70,6 +76,7 @@ export class SchedulerClient {
   ) {
     this.deadlineMs = options.deadlineMs ?? 30_000;
     this.client = new SchedulerServiceClient(address, channelCredentials(options.tls), {
+      ...options.channelOptions,
       "grpc.max_receive_message_length": GRPC_MESSAGE_LIMIT,
       "grpc.max_send_message_length": GRPC_MESSAGE_LIMIT,
       interceptors: options.token ? [bearerInterceptor(options.token)] : [],
@@ -214,18 +221,34 @@ export class SchedulerClient {
     onProgress: (progress: JobProgress) => void = () => {},
   ): Promise<JobResult> {
     return new Promise((resolveWatch, reject) => {
-      const call = this.client.watchJob({ jobId });
+      const call = this.client.watchJob({ jobId, outputChunkBytes: 0 });
       let result: JobResult | undefined;
+      let failure: FerryClientError | undefined;
+      // A large output comes in chunks before the result; the result then carries none.
+      const output = new OutputAssembler();
       call.on("data", (response: WatchJobResponse) => {
         const event = response.event;
-        if (event?.$case === "progress") onProgress(event.value);
-        else if (event?.$case === "result") result = event.value;
+        if (event?.$case === "progress") {
+          onProgress(event.value);
+          return;
+        }
+        try {
+          if (event?.$case === "outputChunk") output.add(event.value);
+          else if (event?.$case === "result") result = output.complete(event.value);
+        } catch (error) {
+          failure ??= new FerryClientError("DATA_LOSS", (error as Error).message);
+          call.cancel();
+        }
       });
-      call.on("error", (error: ServiceError) => reject(fromServiceError(error)));
+      call.on("error", (error: ServiceError) => reject(failure ?? fromServiceError(error)));
       call.on("end", () =>
-        result
-          ? resolveWatch(result)
-          : reject(new FerryClientError("UNKNOWN", `the watch of ${jobId} ended without a result`)),
+        failure
+          ? reject(failure)
+          : result
+            ? resolveWatch(result)
+            : reject(
+                new FerryClientError("UNKNOWN", `the watch of ${jobId} ended without a result`),
+              ),
       );
     });
   }

@@ -5,7 +5,8 @@
  *
  * Rules (stable-diffusion.cpp `--max-vram`, June 2026):
  * - positive x: B = floor(x · 2^30) bytes;
- * - 0: no split — the model runs as one unit; B = 0 and E = free (− the margin when streaming);
+ * - 0: no split — the model runs as one resident unit; B = 0 and E = free. Nothing streams, so
+ *   the streaming margin does not apply (a 512 MiB device runs a model that fits in 512 MiB);
  * - negative −x: B = free − floor(x · 2^30);
  * - not given: B = free. sd.cpp has no such case (its flag defaults to 0, "no split"); Ferry's
  *   default when the user sets no limit is to plan against the device's whole free memory.
@@ -75,7 +76,8 @@ export function resolveBudget({ freeBytes, maxVramGiB, stream }: BudgetInputs): 
     B = freeBytes - Math.floor(-maxVramGiB * GiB);
     mode = "free-minus";
   }
-  const E = mode === "no-split" ? deviceLimit : Math.min(B, deviceLimit);
+  // No split: one resident unit, nothing streamed, so no streaming margin either.
+  const E = mode === "no-split" ? freeBytes : Math.min(B, deviceLimit);
 
   if (E <= 0) throw new PlanError(noMemoryMessage(freeBytes, maxVramGiB, stream, mode, B));
   return { B, E, mode };
@@ -98,7 +100,7 @@ function noMemoryMessage(
   if (mode === "absolute" && B <= 0) {
     return `${subject} is less than one byte`;
   }
-  if (stream) {
+  if (stream && mode !== "no-split") {
     return (
       `${subject} leaves no memory: free ${formatBytes(freeBytes)} is not more than the ` +
       `${formatBytes(STREAM_MARGIN_BYTES)} streaming margin`

@@ -74,9 +74,7 @@ export function formatPlan(plan: Plan, options: FormatPlanOptions = {}): string 
       ? `free − ${margin} margin (no split)`
       : `min(B, free − ${margin} margin)`
     : facts.noSplit
-      ? plan.stream
-        ? `free − ${margin} margin (no split)`
-        : "free (no split)"
+      ? "free (no split: nothing streams, so no margin)"
       : plan.stream
         ? `min(B, free − ${margin} margin)`
         : "min(B, free)";

@@ -17,6 +17,26 @@ export const MAX_OUTPUT_BYTES = 64 * 1024 * 1024;
  * generated from the seed instead.
  */
 export const MAX_INPUT_BYTES = 128 * 1024 * 1024;
+/**
+ * The most any message the scheduler sends a client may be (unary responses and WatchJob
+ * events): gRPC's default receive limit, so a stock client needs no settings.
+ */
+export const CLIENT_MESSAGE_LIMIT = 4 * 1024 * 1024;
+/**
+ * Output bytes one WatchJob message carries unless the watcher asks otherwise: an output up to
+ * this size travels inside its result, a larger one in OutputChunks of this size.
+ */
+export const DEFAULT_OUTPUT_CHUNK_BYTES = 1024 * 1024;
+/** What a watcher may ask for as `output_chunk_bytes`. */
+export const MIN_OUTPUT_CHUNK_BYTES = 4096;
+export const MAX_OUTPUT_CHUNK_BYTES = MAX_OUTPUT_BYTES;
+/**
+ * A result's statistics (its steps) are cut to at most this many encoded bytes, so the result
+ * plus one default chunk of output stays within {@link CLIENT_MESSAGE_LIMIT}.
+ */
+export const RESULT_STATS_LIMIT = 2 * 1024 * 1024;
+/** A progress event relayed to watchers is at most this big (its events are dropped beyond). */
+export const PROGRESS_MESSAGE_LIMIT = 1024 * 1024;
 
 /** Sampler steps of one job. */
 export const MAX_STEPS = 1_000_000;

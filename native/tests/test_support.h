@@ -40,8 +40,8 @@ inline void report_failure(const char* file, int line, const std::string& what) 
 
 #define CHECK_EQ(a, b)                                                                             \
   do {                                                                                             \
-    const auto& check_a_ = (a);                                                                    \
-    const auto& check_b_ = (b);                                                                    \
+    const auto check_a_ = (a);                                                                     \
+    const auto check_b_ = (b);                                                                     \
     if (!(check_a_ == check_b_)) {                                                                 \
       ::ferry_test::report_failure(__FILE__, __LINE__,                                             \
                                    std::string(#a " == " #b " (") + ::ferry_test::show(check_a_) + \

@@ -38,6 +38,7 @@ import type {
 } from "../../lib/native/AddonTypes";
 import { executionOf } from "../../lib/planner/execution";
 import { ExecutorMetrics } from "./executorMetrics";
+import { OutboundQueue } from "./outboundQueue";
 import { probeCompute, type ComputeProbe } from "./probe";
 import { StepSpanRecorder } from "./stepSpans";
 
@@ -175,6 +176,8 @@ export class Executor {
   private readonly log: (line: string) => void;
   private readonly warm = new Map<string, WarmModel>();
   private stream: ClientDuplexStream<ConnectRequest, ConnectResponse> | undefined;
+  /** The current stream's sender (progress coalesced while the stream is full). */
+  private outbound: OutboundQueue | undefined;
   private heartbeat: NodeJS.Timeout | undefined;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private reconnectDelayMs = 250;
@@ -276,10 +279,12 @@ export class Executor {
     if (this.lifecycle !== "running") return;
     const stream = this.client.connect();
     this.stream = stream;
+    this.outbound = new OutboundQueue(stream);
     stream.on("data", (message: ConnectResponse) => this.onMessage(message));
     const lost = (why: string) => {
       if (this.stream !== stream) return;
       this.stream = undefined;
+      this.outbound = undefined;
       clearInterval(this.heartbeat);
       this.heartbeat = undefined;
       if (this.lifecycle !== "running") return;
@@ -308,7 +313,7 @@ export class Executor {
   }
 
   private send(message: ConnectRequest["message"]): void {
-    this.stream?.write(ConnectRequest.fromPartial({ message }));
+    this.outbound?.send(message);
   }
 
   private onMessage(message: ConnectResponse): void {
@@ -647,6 +652,7 @@ export class Executor {
     clearInterval(this.heartbeat);
     this.stream?.end();
     this.stream = undefined;
+    this.outbound = undefined;
     this.client.close();
     for (const { model } of this.warm.values()) model.dispose();
     this.warm.clear();

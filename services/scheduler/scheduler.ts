@@ -2,6 +2,8 @@ import { createHash, randomUUID } from "node:crypto";
 import { status } from "@grpc/grpc-js";
 import { ROOT_CONTEXT, SpanStatusCode, trace, type Context, type Span } from "@opentelemetry/api";
 import {
+  JobInfo,
+  JobProgress,
   JobResult,
   JobState,
   SubmitJobRequest,
@@ -10,7 +12,6 @@ import {
   type DeviceInfo,
   type ExecutorInfo,
   type Holdings,
-  type JobInfo,
   type JobSpec,
   type JobUpdate,
   type ModelInfo,
@@ -22,6 +23,8 @@ import { KNOWN_POLICIES } from "../../lib/planner/planJob";
 import type { PlanOptions, PolicyName } from "../../lib/planner/types";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/api";
 import {
+  CLIENT_MESSAGE_LIMIT,
+  PROGRESS_MESSAGE_LIMIT,
   MAX_BATCH,
   MAX_DEVICE_BYTES,
   MAX_ID_LENGTH,
@@ -89,6 +92,22 @@ const SWEEP_INTERVAL_MS = 5000;
  * step's events would grow the scheduler's memory with the length of a job.
  */
 const TIMELINE_STEPS_KEPT = 16;
+/** A ListJobs page stops short of this many bytes (a stock client accepts 4 MiB). */
+const LIST_RESPONSE_BYTES = CLIENT_MESSAGE_LIMIT - 64 * 1024;
+
+/**
+ * A progress event as watchers get it: within PROGRESS_MESSAGE_LIMIT, its step's events and
+ * then its per-segment figures dropped when an executor sends more (the totals stay).
+ */
+function fitProgress(progress: JobProgress): JobProgress {
+  const stats = progress.stats;
+  if (!stats || JobProgress.encode(progress).finish().length <= PROGRESS_MESSAGE_LIMIT) {
+    return progress;
+  }
+  const lean = { ...progress, stats: { ...stats, events: [] } };
+  if (JobProgress.encode(lean).finish().length <= PROGRESS_MESSAGE_LIMIT) return lean;
+  return { ...progress, stats: { ...stats, events: [], segments: [] } };
+}
 
 export interface SchedulerOptions {
   /** How often executors heartbeat. @default 1000 */
@@ -165,6 +184,8 @@ export class Scheduler {
   private readonly monitor: NodeJS.Timeout;
   private readonly startedMs = Date.now();
   private lastSweepMs = 0;
+  private readonly tickIntervalMs: number;
+  private lastTickMs: number;
   private seq: number;
   private passQueued = false;
   private lifecycle: "running" | "draining" | "stopped" = "running";
@@ -186,7 +207,12 @@ export class Scheduler {
       executorIds: () => [...this.executors.keys()],
     });
     this.restore();
-    this.monitor = setInterval(() => this.tick(), Math.min(this.heartbeatIntervalMs, 1000));
+    this.tickIntervalMs = Math.min(this.heartbeatIntervalMs, 1000);
+    this.lastTickMs = Date.now();
+    // The heartbeat deadline is judged in the check phase (setImmediate), after the event loop
+    // has read what arrived: a timer that fires right after the scheduler itself was busy would
+    // otherwise blame executors whose messages sit unread in its sockets.
+    this.monitor = setInterval(() => setImmediate(() => this.tick()), this.tickIntervalMs);
     this.monitor.unref();
   }
 
@@ -441,7 +467,17 @@ export class Scheduler {
 
   /** The heartbeat deadline, orphaned jobs after a restart, and retention. */
   private tick(): void {
+    if (this.lifecycle === "stopped") return;
     const now = Date.now();
+    // Time this process did not listen (its event loop was blocked: a burst of messages, a long
+    // GC, a starved CPU) is not silence from executors: their deadlines move by as much.
+    const stalledMs = now - this.lastTickMs - 2 * this.tickIntervalMs;
+    this.lastTickMs = now;
+    if (stalledMs > 0) {
+      for (const entry of this.executors.values()) {
+        if (entry.state !== "lost") entry.lastSeenMs = Math.min(now, entry.lastSeenMs + stalledMs);
+      }
+    }
     const deadline = now - this.lostAfterMs;
     for (const entry of [...this.executors.values()]) {
       if (entry.state !== "lost" && entry.lastSeenMs < deadline) {
@@ -1304,11 +1340,12 @@ export class Scheduler {
     if (body.value.stats && body.value.stats.step > TIMELINE_STEPS_KEPT) {
       body.value.stats.events = [];
     }
-    job.addProgress(body.value);
+    job.addProgress(fitProgress(body.value));
     // A split job's watchers hear a step once every share has done it (from the last one).
     if (parent?.shares && !parent.finished) {
       const done = Math.min(...parent.shares.map((share) => share.lastStep));
-      if (done > parent.lastStep) parent.addProgress({ ...body.value, jobId: parent.id });
+      if (done > parent.lastStep)
+        parent.addProgress(fitProgress({ ...body.value, jobId: parent.id }));
     }
   }
 
@@ -1353,6 +1390,7 @@ export class Scheduler {
 
   getJob(id: string): Job {
     checkString("job_id", id, MAX_ID_LENGTH);
+    if (id === "") throw new StatusError(status.INVALID_ARGUMENT, "job_id is required");
     const job = this.jobs.get(id);
     if (!job) {
       throw new StatusError(
@@ -1400,10 +1438,23 @@ export class Scheduler {
         (job) => !job.parent && job.seq > after && (wanted.size === 0 || wanted.has(job.state)),
       )
       .sort((a, b) => a.seq - b.seq);
-    const page = jobs.slice(0, size);
+    // A page ends at its size or where the next job would take the response past what a stock
+    // client accepts (plans make some jobs large).
+    const page: JobInfo[] = [];
+    let bytes = 0;
+    let last = 0;
+    for (const job of jobs) {
+      if (page.length >= size) break;
+      const info = job.info();
+      const infoBytes = JobInfo.encode(info).finish().length + 8;
+      if (page.length > 0 && bytes + infoBytes > LIST_RESPONSE_BYTES) break;
+      page.push(info);
+      bytes += infoBytes;
+      last = job.seq;
+    }
     return {
-      jobs: page.map((job) => job.info()),
-      nextPageToken: jobs.length > size ? String(page[page.length - 1].seq) : "",
+      jobs: page,
+      nextPageToken: jobs.length > page.length ? String(last) : "",
     };
   }
 

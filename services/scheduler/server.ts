@@ -20,6 +20,7 @@ import {
   SetBudgetResponse,
   SubmitJobResponse,
   UnloadModelResponse,
+  type JobResult,
   type SchedulerServiceServer,
   type WatchJobRequest,
   type WatchJobResponse,
@@ -29,7 +30,14 @@ import {
   tokenInterceptor,
   type ServerTlsFiles,
 } from "../../lib/wire/credentials";
-import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
+import {
+  DEFAULT_OUTPUT_CHUNK_BYTES,
+  GRPC_MESSAGE_LIMIT,
+  MAX_OUTPUT_CHUNK_BYTES,
+  MIN_OUTPUT_CHUNK_BYTES,
+} from "../../lib/wire/limits";
+import { resultMessages } from "../../lib/wire/outputChunks";
+import { checkInteger } from "../../lib/wire/validate";
 import { ferryPackageDefinition } from "../../lib/wire/protoDefinition";
 import { checkDecoded, tolerantDecoding } from "../../lib/wire/decoding";
 import { StatusError, toStatusError } from "../../lib/wire/statusError";
@@ -94,6 +102,36 @@ function unary<Req, Res>(
   };
 }
 
+/**
+ * Writes messages in order, waiting for each write to drain before the next; false when the
+ * call ended (the watcher went away) before all were written.
+ */
+async function writeInOrder(
+  call: ServerWritableStream<WatchJobRequest, WatchJobResponse>,
+  messages: readonly WatchJobResponse[],
+): Promise<boolean> {
+  for (const message of messages) {
+    if (call.cancelled || call.destroyed) return false;
+    if (!call.write(message)) {
+      const open = await new Promise<boolean>((resume) => {
+        const done = (value: boolean) => {
+          call.off("drain", drained);
+          call.off("close", closed);
+          call.off("cancelled", closed);
+          resume(value);
+        };
+        const drained = () => done(true);
+        const closed = () => done(false);
+        call.on("drain", drained);
+        call.on("close", closed);
+        call.on("cancelled", closed);
+      });
+      if (!open) return false;
+    }
+  }
+  return !call.cancelled && !call.destroyed;
+}
+
 /** Ends a server stream with a status (grpc-js sends an 'error' event's status and closes). */
 function failStream(
   call: { emit(event: "error", error: Error): boolean },
@@ -142,17 +180,30 @@ function serviceImplementation(
 
     watchJob: (call: ServerWritableStream<WatchJobRequest, WatchJobResponse>) => {
       let job;
+      let chunkBytes: number;
       try {
         checkDecoded(call.request);
         job = scheduler.getJob(call.request.jobId);
+        // 0 asks for the default.
+        const asked = call.request.outputChunkBytes;
+        if (asked !== 0) {
+          checkInteger("output_chunk_bytes", asked, MIN_OUTPUT_CHUNK_BYTES, MAX_OUTPUT_CHUNK_BYTES);
+        }
+        chunkBytes = asked || DEFAULT_OUTPUT_CHUNK_BYTES;
       } catch (error) {
         failStream(call, error, log);
         return;
       }
+      // The result: its output in chunks when it is bigger than one, each written once the
+      // previous one has drained, so a slow watcher holds the output once, not copies of it.
+      const sendResult = (result: JobResult) => {
+        void writeInOrder(call, resultMessages(result, chunkBytes)).then((open) => {
+          if (open) call.end();
+        });
+      };
       for (const event of job.history()) call.write(event);
       if (job.finished) {
-        call.write({ event: { $case: "result", value: scheduler.resultOf(job) } });
-        call.end();
+        sendResult(scheduler.resultOf(job));
         return;
       }
       const stop = () => {
@@ -160,11 +211,12 @@ function serviceImplementation(
         job.events.off("shutdown", onShutdown);
       };
       const onEvent = (event: WatchJobResponse) => {
-        call.write(event);
         if (event.event?.$case === "result") {
           stop();
-          call.end();
+          sendResult(event.event.value);
+          return;
         }
+        call.write(event);
       };
       const onShutdown = () => {
         stop();

@@ -142,7 +142,11 @@ SafetensorsHeader parse_safetensors_header(const std::string& label, std::string
       }
       continue;
     }
-    auto bad = [&](const std::string& problem) { fail("tensor " + quoted(name) + ": " + problem); };
+    // A lambda may not capture a structured binding before C++20 (clang refuses): a copy.
+    const std::string& tensor_name = name;
+    auto bad = [&](const std::string& problem) {
+      fail("tensor " + quoted(tensor_name) + ": " + problem);
+    };
     if (!entry.is_object()) {
       bad("entry must be an object with dtype, shape and data_offsets, got " +
           json::describe(entry));
