@@ -152,6 +152,9 @@ export async function runLoad(options: LoadOptions = {}): Promise<LoadResult> {
       paramsBackend: "",
       load: "",
       verify: false,
+      contextTokens: 0,
+      shift: false,
+      inputs: [],
     });
     // Warm every executor's model once, so the rounds measure the scheduler, not first loads.
     await Promise.all(Array.from({ length: executorCount }, (_, i) => admin.runJob(spec(i))));

@@ -21,6 +21,7 @@ import {
   ListModelsRequest,
   LoadModelRequest,
   SchedulerServiceClient,
+  SetBudgetRequest,
   SubmitJobRequest,
   UnloadModelRequest,
   WatchJobRequest,
@@ -68,6 +69,7 @@ const REQUESTS: Record<string, { fromPartial(object: never): unknown }> = {
   ListModels: ListModelsRequest,
   LoadModel: LoadModelRequest,
   UnloadModel: UnloadModelRequest,
+  SetBudget: SetBudgetRequest,
 };
 
 describe("bad requests: every RPC, each with its status (issue 12)", () => {
@@ -93,6 +95,9 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
     paramsBackend: "",
     load: "",
     verify: false,
+    contextTokens: 0,
+    shift: false,
+    inputs: [],
     ...overrides,
   });
 
@@ -244,6 +249,7 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
     ["ListModels", {}],
     ["LoadModel", { model: "tiny", executorId: "table-gpu" }],
     ["UnloadModel", { model: "tiny", executorId: "table-gpu" }],
+    ["SetBudget", { executorId: "table-gpu", budgetBytes: 512 << 20 }],
   ];
 
   const rows = (): Row[] => {
@@ -349,6 +355,21 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
       );
     }
     add("LoadModel", "a FIFO", { model: "pipe.safetensors" }, "INVALID_ARGUMENT");
+
+    // The live budget.
+    const budget = (budgetBytes: number, executorId = "table-gpu") => ({ executorId, budgetBytes });
+    add("SetBudget", "missing executor_id", { budgetBytes: 1 << 20 }, "INVALID_ARGUMENT");
+    add("SetBudget", "executor_id of 100 kB", budget(1 << 20, huge(100_000)), "INVALID_ARGUMENT");
+    add("SetBudget", "unknown executor", budget(1 << 20, "nobody"), "NOT_FOUND");
+    add("SetBudget", "budget 0", budget(0), "INVALID_ARGUMENT");
+    add("SetBudget", "budget past the device's memory", budget(2 ** 40), "INVALID_ARGUMENT");
+    add("SetBudget", "budget past 2^53", budget(2 ** 60), "INVALID_ARGUMENT");
+    add(
+      "SetBudget",
+      "undecodable bytes",
+      Buffer.from([0x0a, 0xff, 0xff, 0xff]),
+      "INVALID_ARGUMENT",
+    );
     return table;
   };
 
@@ -517,6 +538,9 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
     const after = await call("GetJob", { jobId: runningJobId }, "OK");
     expect(after.code).toBe("OK");
     expect(executor.ended).toBe(false);
+    // No SetBudget row changed the budget: the one with a valid request had an expired deadline.
+    const listed = await call("ListExecutors", {}, "OK");
+    expect((listed.executors as { budgetBytes: number }[])[0]!.budgetBytes).toBe(1 << 30);
     const counts = new Map<string, number>();
     for (const { row } of tried) counts.set(row.rpc, (counts.get(row.rpc) ?? 0) + 1);
     console.log(
@@ -524,6 +548,6 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
         .map(([rpc, n]) => `${rpc} ${n}`)
         .join(", ")}), each with its expected status`,
     );
-    expect(counts.size).toBe(11);
+    expect(counts.size).toBe(12);
   }, 60_000);
 });

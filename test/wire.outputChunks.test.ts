@@ -143,6 +143,9 @@ describe("job outputs within a stock client's message limit (issue 12)", () => {
       paramsBackend: "",
       load: "",
       verify: false,
+      contextTokens: 0,
+      shift: false,
+      inputs: [],
     });
 
     it("delivers a 9 MB output and large statistics to a client with gRPC's default 4 MiB limit", async () => {

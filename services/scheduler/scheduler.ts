@@ -713,11 +713,27 @@ export class Scheduler {
     };
   }
 
+  /**
+   * The plan a job asked about would get on an executor: beside its running jobs when it fits in
+   * what they leave, else with the whole budget once they are done (the job would queue).
+   */
+  private planBesideOrAfter(
+    job: Pick<Job, "spec" | "profile">,
+    entry: ExecutorEntry,
+  ): { estimate: Estimate; beside: boolean } {
+    try {
+      return { estimate: this.plan(job, entry), beside: true };
+    } catch (error) {
+      if (entry.running.size === 0) throw error;
+      return { estimate: this.plan(job, entry, true), beside: false };
+    }
+  }
+
   /** The plan a job would get on an executor, cached briefly; undefined when it cannot fit. */
   private estimate(job: Job, entry: ExecutorEntry, whole = false): Estimate | undefined {
     const s = job.spec;
     const free = whole ? entry.budgetBytes : entry.leftBytes();
-    const key = `${entry.id}|${free}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
+    const key = `${entry.id}|${free}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.contextTokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}`;
     const cached = this.estimates.get(key);
     if (cached && Date.now() - cached.atMs < ESTIMATE_TTL_MS) return cached;
     let estimate: Estimate | undefined;
@@ -1223,7 +1239,7 @@ export class Scheduler {
         );
       }
       return {
-        plan: this.plan(probe, entry).plan,
+        plan: this.planBesideOrAfter(probe, entry).estimate.plan,
         executorId: entry.id,
         multiGpu: {
           mode: "single",
@@ -1245,15 +1261,15 @@ export class Scheduler {
     const priced: { candidate: PlacementCandidate; plan: PlanMessage; entry: ExecutorEntry }[] = [];
     for (const entry of entries) {
       try {
-        const estimate = this.plan(probe, entry);
+        const { estimate, beside } = this.planBesideOrAfter(probe, entry);
         priced.push({
           entry,
           plan: estimate.plan,
           candidate: {
             id: entry.id,
-            idle: entry.idle,
+            idle: entry.idle && beside,
             warm: entry.isWarm(model.path),
-            availableInS: entry.idle ? 0 : this.remainingS(entry),
+            availableInS: entry.idle && beside ? 0 : this.remainingS(entry),
             runS: estimate.runS,
             coldLoadS: model.bytes / (ASSUMED_DISK_GBPS * 1e9),
           },
@@ -1673,6 +1689,7 @@ export class Scheduler {
     executorId: string,
     bytes: number,
   ): Promise<{ executor: ExecutorInfo; replanned: string[]; unchanged: string[] }> {
+    if (!executorId) throw new StatusError(status.INVALID_ARGUMENT, "executor_id is required");
     checkString("executor_id", executorId, MAX_ID_LENGTH, ID_PATTERN);
     const entry = this.executors.get(executorId);
     if (!entry || !entry.connected) {

@@ -92,6 +92,13 @@ function unary<Req, Res>(
   return (call, callback) => {
     Promise.resolve()
       .then(() => {
+        // A call whose deadline passed before it arrived is not carried out: the caller has
+        // already been told DEADLINE_EXCEEDED, so a change it asked for must not happen.
+        const deadline = call.getDeadline();
+        const deadlineMs = deadline instanceof Date ? deadline.getTime() : Number(deadline);
+        if (Number.isFinite(deadlineMs) && deadlineMs <= Date.now()) {
+          throw new StatusError(status.DEADLINE_EXCEEDED, "the call's deadline had passed");
+        }
         checkDecoded(call.request);
         return body(call);
       })
