@@ -15,6 +15,7 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { GGML_FIXES } from "./ggml-fixes.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const bin = (name) => join(root, "node_modules", ".bin", name);
@@ -71,7 +72,11 @@ function ggmlSources() {
   }
   const dest = join(root, "deps", "ggml");
   const stamp = join(dest, ".ferry-bundle-sha256");
-  const digest = createHash("sha256").update(readFileSync(bundle)).digest("hex");
+  // The bundle and the fixes applied to it: either changing extracts again.
+  const digest = createHash("sha256")
+    .update(readFileSync(bundle))
+    .update(JSON.stringify(GGML_FIXES))
+    .digest("hex");
   if (existsSync(stamp) && readFileSync(stamp, "utf8").trim() === digest) return dest;
   requireTool(
     "git",
@@ -104,6 +109,18 @@ function ggmlSources() {
     input: archive.stdout,
   });
   if (untar.status !== 0) fail(`extracting ggml from the bundle failed: ${untar.stderr}`);
+  for (const fix of GGML_FIXES) {
+    const file = join(partial, fix.file);
+    const text = readFileSync(file, "utf8");
+    const at = text.indexOf(fix.find);
+    if (at < 0 || text.indexOf(fix.find, at + 1) >= 0) {
+      fail(
+        `ggml fix for ${fix.file} (${fix.why}) does not apply to this ggml: see scripts/ggml-fixes.mjs (drop it if upstream fixed it).`,
+      );
+    }
+    writeFileSync(file, text.slice(0, at) + fix.replace + text.slice(at + fix.find.length));
+    console.log(`[ferry build] ggml fix applied to ${fix.file}: ${fix.why}`);
+  }
   rmSync(scratch, { recursive: true, force: true });
   rmSync(dest, { recursive: true, force: true });
   renameSync(partial, dest);

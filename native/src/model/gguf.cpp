@@ -503,8 +503,9 @@ GgufHeader parse_gguf(const std::string& label, uint64_t file_bytes, const GgufR
       }
       t.ne.push_back(ne[d]);
     }
-    // ggml's own element-count check is skipped when the product wraps to ≤ 0 in int64 (ne
-    // {2^40, 2^40} passes with 0 bytes), so bound the product here.
+    // Upstream ggml's own element-count check is skipped when the product wraps to ≤ 0 in int64
+    // (ne {2^40, 2^40} passes with 0 bytes). The ggml Ferry extracts has that fixed
+    // (scripts/ggml-fixes.mjs); a FERRY_GGML_DIR checkout may not, so bound the product here too.
     u128 elements = 1;
     for (int64_t n : t.ne) {
       elements *= static_cast<uint64_t>(n);
