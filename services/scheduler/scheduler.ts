@@ -82,6 +82,9 @@ import {
 import { predictedFinishS } from "./placement";
 import type { ModelProfile } from "../../lib/model/profile";
 
+/** Queued jobs a placement pass tries behind ones that must wait (at least; 2 per executor). */
+const PLACEMENT_BACKFILL_MIN = 16;
+
 export const DEFAULT_TOKENS = 64;
 /** A placement estimate is reused this long (plans move only as calibration refines rates). */
 const ESTIMATE_TTL_MS = 1000;
@@ -811,8 +814,14 @@ export class Scheduler {
     const open = [...this.executors.values()].filter((entry) => entry.canStart);
     if (open.length === 0) return;
     const extraWaitS = new Map<string, number>();
+    // FIFO within a priority, with a little backfill: jobs behind ones that must wait are tried
+    // only up to a window, so a pass costs O(window × executors) plans, not O(queue × executors)
+    // — with thousands queued, every start or finish re-planning all of them stalled the service.
+    const window = Math.max(PLACEMENT_BACKFILL_MIN, 2 * this.executors.size);
+    let waiting = 0;
     for (const job of [...this.queue]) {
       if (!open.some((entry) => entry.canStart)) break;
+      if (waiting >= window) break;
       if (!job.profile) {
         void this.prepare(job);
         continue;
@@ -830,11 +839,15 @@ export class Scheduler {
           continue;
         }
       }
-      if (!choice) continue;
+      if (!choice) {
+        waiting++;
+        continue;
+      }
       const entry = options.find((option) => option.candidate === choice)!.entry;
       if (choice.idle) {
         this.start(job, entry);
       } else {
+        waiting++;
         entry.waitingJobs++;
         extraWaitS.set(entry.id, (extraWaitS.get(entry.id) ?? 0) + choice.runS);
       }
