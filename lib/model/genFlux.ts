@@ -28,9 +28,9 @@ import {
   tensorChunks,
   type GenModelDtype,
   type GenModelFormat,
+  tensorsSize,
 } from "./genModel";
-import { ggmlNbytes } from "./ggmlTypes";
-import { encodeFloats, FLOAT_DTYPE_BYTES } from "./half";
+import { encodeFloats } from "./half";
 import { normalizeSeed } from "./initialInput";
 import { writeSafetensors, type TensorToWrite } from "./safetensors";
 
@@ -137,16 +137,7 @@ export function genFluxSize(
   config: FluxConfig,
   dtype: GenModelDtype,
 ): { params: number; dataBytes: number } {
-  let params = 0;
-  let dataBytes = 0;
-  for (const spec of fluxTensorSpecs(config)) {
-    const count = spec.shape.reduce((a, b) => a * b, 1);
-    params += count;
-    dataBytes += isQuantDtype(dtype)
-      ? ggmlNbytes(genModelTensorType(spec, dtype), spec.shape.slice().reverse())
-      : count * FLOAT_DTYPE_BYTES[SAFETENSORS_DTYPE[dtype]];
-  }
-  return { params, dataBytes };
+  return tensorsSize(fluxTensorSpecs(config), dtype);
 }
 
 /** Writes a random FLUX.1-shaped transformer to `out` (atomically). Same options, same bytes. */

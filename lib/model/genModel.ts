@@ -373,9 +373,17 @@ export function genModelSize(
   config: DitConfig,
   dtype: GenModelDtype,
 ): { params: number; dataBytes: number } {
+  return tensorsSize(ditTensorSpecs(config), dtype);
+}
+
+/** Parameters and data bytes of tensors written in `dtype` (any architecture's specs). */
+export function tensorsSize(
+  specs: readonly Pick<DitTensorSpec, "name" | "shape">[],
+  dtype: GenModelDtype,
+): { params: number; dataBytes: number } {
   let params = 0;
   let dataBytes = 0;
-  for (const spec of ditTensorSpecs(config)) {
+  for (const spec of specs) {
     const count = spec.shape.reduce((a, b) => a * b, 1);
     params += count;
     dataBytes += isQuantDtype(dtype)
