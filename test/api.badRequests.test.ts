@@ -26,7 +26,7 @@ import {
   UnloadModelRequest,
   WatchJobRequest,
   type ConnectResponse,
-  type JobSpec,
+  JobSpec,
 } from "../gen/ferry/v1/scheduler";
 import { genModel } from "../lib/model/genModel";
 import { startSchedulerServer, type SchedulerServer } from "../services/scheduler/server";
@@ -82,24 +82,16 @@ describe("bad requests: every RPC, each with its status (issue 12)", () => {
   let runningJobId: string;
   const tried: { row: Row; got: Code }[] = [];
 
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath: "tiny",
-    steps: 2,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath: "tiny",
+      steps: 2,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      policy: "sdcpp",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-bad-requests-"));

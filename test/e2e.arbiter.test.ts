@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { packageRoot } from "../lib/packageInfo";
@@ -22,24 +22,16 @@ describe("the memory arbiter", () => {
   let dir: string;
   let cluster: Cluster;
 
-  const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath,
-    steps: 3,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "ferry",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      policy: "ferry",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-arbiter-"));

@@ -2,30 +2,22 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ExecutorState, JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { ExecutorState, JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { startSchedulerServer } from "../services/scheduler/server";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
 
-const baseSpec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
-  modelPath,
-  steps: 2,
-  batch: 1,
-  tokens: 8,
-  seed: 0,
-  maxVramGib: undefined,
-  policy: "sdcpp",
-  noStream: false,
-  executorId: "",
-  paramsBackend: "",
-  load: "",
-  verify: false,
-  contextTokens: 0,
-  shift: false,
-  inputs: [],
-  ...overrides,
-});
+const baseSpec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec =>
+  JobSpec.fromPartial({
+    modelPath,
+    steps: 2,
+    batch: 1,
+    tokens: 8,
+    seed: 0,
+    policy: "sdcpp",
+    ...overrides,
+  });
 
 const codeOf = (error: unknown) => (error as FerryClientError).code;
 

@@ -2,7 +2,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { runPlanCommand } from "../cli/commands/plan";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
@@ -34,24 +34,16 @@ describe("a job end to end", () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  const spec = (overrides: Partial<JobSpec>): JobSpec => ({
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    modelPath,
-    steps: 3,
-    batch: 2,
-    tokens: 16,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec>): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 2,
+      tokens: 16,
+      seed: 0,
+      policy: "sdcpp",
+      ...overrides,
+    });
 
   // Σparams ≈ 0.6 MB: 2 MiB streams the whole model as one merged segment; 0.7 MiB (under
   // 4/3·Σ) turns on the E/4 cap, so each base segment runs alone.

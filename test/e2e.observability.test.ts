@@ -2,7 +2,7 @@ import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobResult, JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobSpec, type JobResult } from "../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { packageRoot } from "../lib/packageInfo";
@@ -47,23 +47,18 @@ describe("what a person investigating a slow step gets", () => {
   const processes: FerryProcess[] = [];
   const results: JobResult[] = [];
 
-  const spec = (policy: string): JobSpec => ({
-    modelPath,
-    steps: 3,
-    batch: 2,
-    tokens: 16,
-    seed: 0,
-    maxVramGib: 0.6 / 1024,
-    policy,
-    noStream: false,
-    executorId: "",
-    paramsBackend: "cpu",
-    load: "lazy",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-  });
+  const spec = (policy: string): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 2,
+      tokens: 16,
+      seed: 0,
+      maxVramGib: 0.6 / 1024,
+      policy,
+      paramsBackend: "cpu",
+      load: "lazy",
+    });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-observe-"));

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium, type Browser } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel } from "../lib/model/genModel";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
 import { startStatusPage, type StatusPage } from "../services/scheduler/http/statusPage";
@@ -33,24 +33,17 @@ describe.skipIf(skip)("the status page in a real browser", () => {
   let runningJob: string;
   let queuedJob: string;
 
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath,
-    steps: 3,
-    batch: 2,
-    tokens: 16,
-    seed: 0,
-    maxVramGib: 0.7 / 1024,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 2,
+      tokens: 16,
+      seed: 0,
+      maxVramGib: 0.7 / 1024,
+      policy: "sdcpp",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     if (!CHROMIUM)

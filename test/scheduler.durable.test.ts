@@ -3,7 +3,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import {
@@ -47,24 +47,17 @@ describe("durable jobs across scheduler restarts", () => {
     );
   };
   // A few seconds of work on a slow emulated link: long enough to still run across a restart.
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath: "tiny",
-    steps: 400,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: 0.2 / 1024,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath: "tiny",
+      steps: 400,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      maxVramGib: 0.2 / 1024,
+      policy: "sdcpp",
+      ...overrides,
+    });
   const startExecutor = () => {
     const child = spawnExecutorProcess(address, { id: "gpu0", vram: "1GiB", linkGbps: 0.02 }, logs);
     executors.push(child);

@@ -2,7 +2,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec, type StepStats } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec, type StepStats } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { RESULT_STEPS, PROGRESS_HISTORY } from "../lib/wire/limits";
@@ -20,24 +20,16 @@ describe("jobs", () => {
   let client: SchedulerClient;
   const fakes: FakeExecutor[] = [];
 
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath,
-    steps: 3,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      policy: "sdcpp",
+      ...overrides,
+    });
   const executor = async (id: string) => {
     const fake = new FakeExecutor(server.address, id);
     fakes.push(fake);

@@ -4,7 +4,7 @@ import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { FerryClientError } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { packageRoot } from "../lib/packageInfo";
@@ -25,24 +25,16 @@ describe("the model repository", () => {
   let outside: string;
   let cluster: Cluster;
 
-  const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath,
-    steps: 2,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 2,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      policy: "sdcpp",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     root = await mkdtemp(join(tmpdir(), "ferry-models-"));

@@ -2,7 +2,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel, type GenModelDtype } from "../lib/model/genModel";
 import { loadAddon } from "../lib/native/addon";
 import { shareSeed } from "../services/executor/executor";
@@ -173,25 +173,18 @@ describe("batch split across executors", () => {
   let dir: string;
   let cluster: Cluster;
 
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath: "split",
-    steps: 3,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    batch: 5,
-    tokens: 12,
-    seed: 9,
-    // 2 MiB: the model (3.2 MB) streams on every executor.
-    maxVramGib: 2 / 1024,
-    policy: "ferry",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath: "split",
+      steps: 3,
+      batch: 5,
+      tokens: 12,
+      seed: 9,
+      // 2 MiB: the model (3.2 MB) streams on every executor.
+      maxVramGib: 2 / 1024,
+      policy: "ferry",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-split-"));

@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { ExecutorState, JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { ExecutorState, JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
 import { startSchedulerServer, type SchedulerServer } from "../services/scheduler/server";
@@ -25,24 +25,16 @@ describe("the executor registry", () => {
     fakes.push(executor);
     return executor;
   };
-  const spec = (overrides: Partial<JobSpec> = {}): JobSpec => ({
-    modelPath,
-    steps: 3,
-    batch: 1,
-    tokens: 8,
-    seed: 0,
-    maxVramGib: undefined,
-    policy: "sdcpp",
-    noStream: false,
-    executorId: "",
-    paramsBackend: "",
-    load: "",
-    verify: false,
-    contextTokens: 0,
-    shift: false,
-    inputs: [],
-    ...overrides,
-  });
+  const spec = (overrides: Partial<JobSpec> = {}): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath,
+      steps: 3,
+      batch: 1,
+      tokens: 8,
+      seed: 0,
+      policy: "sdcpp",
+      ...overrides,
+    });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "ferry-registry-"));

@@ -18,7 +18,7 @@ import {
   JobState,
   SchedulerServiceClient,
   type ConnectResponse,
-  type JobSpec,
+  JobSpec,
 } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { genModel } from "../lib/model/genModel";
@@ -58,24 +58,16 @@ function healthClient(address: string, creds: ChannelCredentials = credentials.c
   return { check, close: () => client.close() };
 }
 
-const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec => ({
-  modelPath,
-  steps: 2,
-  batch: 1,
-  tokens: 8,
-  seed: 0,
-  maxVramGib: undefined,
-  policy: "sdcpp",
-  noStream: false,
-  executorId: "",
-  paramsBackend: "",
-  load: "",
-  verify: false,
-  contextTokens: 0,
-  shift: false,
-  inputs: [],
-  ...overrides,
-});
+const spec = (modelPath: string, overrides: Partial<JobSpec> = {}): JobSpec =>
+  JobSpec.fromPartial({
+    modelPath,
+    steps: 2,
+    batch: 1,
+    tokens: 8,
+    seed: 0,
+    policy: "sdcpp",
+    ...overrides,
+  });
 
 describe("service hygiene", () => {
   let dir: string;

@@ -10,7 +10,7 @@ import {
   JobState,
   SchedulerServiceClient,
   WatchJobResponse,
-  type JobSpec,
+  JobSpec,
   type StepStats,
 } from "../gen/ferry/v1/scheduler";
 import { SchedulerClient } from "../lib/client/schedulerClient";
@@ -130,23 +130,15 @@ describe("job outputs within a stock client's message limit (issue 12)", () => {
       await rm(dir, { recursive: true, force: true });
     });
 
-    const spec = (seed: number): JobSpec => ({
-      modelPath,
-      steps: 256,
-      batch: 1,
-      tokens: 8,
-      seed,
-      maxVramGib: undefined,
-      policy: "sdcpp",
-      noStream: false,
-      executorId: "",
-      paramsBackend: "",
-      load: "",
-      verify: false,
-      contextTokens: 0,
-      shift: false,
-      inputs: [],
-    });
+    const spec = (seed: number): JobSpec =>
+      JobSpec.fromPartial({
+        modelPath,
+        steps: 256,
+        batch: 1,
+        tokens: 8,
+        seed,
+        policy: "sdcpp",
+      });
 
     it("delivers a 9 MB output and large statistics to a client with gRPC's default 4 MiB limit", async () => {
       const fake = new FakeExecutor(server.address, "big-output");
