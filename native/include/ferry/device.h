@@ -27,8 +27,10 @@
 // DeviceOutOfMemoryError that names what it needed and what the budget had left.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +59,47 @@ class Event {
   virtual double end_us() const = 0;
 };
 using EventPtr = std::shared_ptr<Event>;
+
+// An event a host thread completes (the CPU device's copy thread, a GPU device's watcher) and
+// others wait on.
+class CompletableEvent : public Event {
+ public:
+  bool ready() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_;
+  }
+  void wait() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return done_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+  double start_us() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return start_us_;
+  }
+  double end_us() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return end_us_;
+  }
+  void complete(double start_us, double end_us, std::exception_ptr error) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      start_us_ = start_us;
+      end_us_ = end_us;
+      error_ = std::move(error);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  double start_us_ = 0;
+  double end_us_ = 0;
+  std::exception_ptr error_;
+};
 
 // One piece of a batched copy: host memory → device memory (a place inside Device::memory()).
 struct CopyRegion {

@@ -39,44 +39,7 @@ class WallClock {
   double wall0_;
 };
 
-class CpuEvent final : public Event {
- public:
-  bool ready() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return done_;
-  }
-  void wait() override {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return done_; });
-    if (error_) std::rethrow_exception(error_);
-  }
-  double start_us() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return start_us_;
-  }
-  double end_us() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return end_us_;
-  }
-  void complete(double start_us, double end_us, std::exception_ptr error) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-      start_us_ = start_us;
-      end_us_ = end_us;
-      error_ = std::move(error);
-    }
-    cv_.notify_all();
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  double start_us_ = 0;
-  double end_us_ = 0;
-  std::exception_ptr error_;
-};
+using CpuEvent = CompletableEvent;
 
 }  // namespace
 

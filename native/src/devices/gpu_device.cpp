@@ -29,52 +29,18 @@ std::vector<ggml_backend_dev_t> gpus() {
 }
 
 // An event recorded on a backend's stream; the engine's watcher completes it.
-class GpuEvent final : public Event {
+class GpuEvent final : public CompletableEvent {
  public:
   explicit GpuEvent(ggml_backend_event_t event, double queued_us)
       : event_(event), queued_us_(queued_us) {}
   ~GpuEvent() override { ggml_backend_event_free(event_); }
 
-  bool ready() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return done_;
-  }
-  void wait() override {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return done_; });
-    if (error_) std::rethrow_exception(error_);
-  }
-  double start_us() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return start_us_;
-  }
-  double end_us() const override {
-    std::lock_guard<std::mutex> lock(mu_);
-    return end_us_;
-  }
-
   ggml_backend_event_t handle() const { return event_; }
   double queued_us() const { return queued_us_; }
-  void complete(double start_us, double end_us, std::exception_ptr error) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-      start_us_ = start_us;
-      end_us_ = end_us;
-      error_ = std::move(error);
-    }
-    cv_.notify_all();
-  }
 
  private:
   ggml_backend_event_t event_;
   double queued_us_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  double start_us_ = 0;
-  double end_us_ = 0;
-  std::exception_ptr error_;
 };
 
 }  // namespace
