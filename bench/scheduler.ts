@@ -15,7 +15,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Command } from "commander";
-import { JobState, type JobSpec } from "../gen/ferry/v1/scheduler";
+import { JobSpec, JobState } from "../gen/ferry/v1/scheduler";
 import { FerryClientError, SchedulerClient } from "../lib/client/schedulerClient";
 import { parseIntegerFlag } from "../lib/config/config";
 import { genModel } from "../lib/model/genModel";
@@ -38,6 +38,8 @@ export interface SchedulerBenchOptions {
   restarts?: number;
   /** Measure the batch split's speedup first (on the idle cluster). @default true */
   batchSplit?: boolean;
+  /** Measure the pipeline split's speedup first (on the idle cluster). @default true */
+  pipeline?: boolean;
   log?: (line: string) => void;
 }
 
@@ -60,7 +62,12 @@ export interface SchedulerBenchResult {
   batch_split_speedup_compute_bound: number | null;
   /** Each regime: timings, the cost model's own choice (multi_gpu = auto), bitwise equality. */
   batch_split: BatchSplitMeasure[];
+  /**
+   * A pipeline over the executors vs one executor, wall time submit → result, for a model that
+   * fits in the executors' budgets together but not in one.
+   */
   pipeline_speedup: number | null;
+  pipeline: PipelineMeasure | null;
   notes: string[];
   checksum_mismatches: number;
   executor_kills: number;
@@ -89,6 +96,30 @@ export interface BatchSplitMeasure {
   predicted_single_s: number;
   predicted_split_s: number;
   /** The split's output equals the single run's, bit for bit. */
+  bitwise_identical: boolean;
+}
+
+export interface PipelineMeasure {
+  /** The budget of every executor: the model does not fit one, and fits them together. */
+  budget_mib: number;
+  model_bytes: number;
+  /** Weight bytes one executor streams per step running the job alone. */
+  single_streamed_bytes_per_step: number;
+  batch: number;
+  tokens: number;
+  steps: number;
+  single_s: number;
+  pipeline_s: number;
+  speedup: number;
+  stages: number;
+  /** Weight bytes all stages together stream per step (0: every stage holds its weights). */
+  stages_streamed_bytes_per_step: number;
+  /** What the cost model chooses for the job on its own (multi_gpu = auto), and why. */
+  auto_choice: string;
+  auto_reason: string;
+  predicted_single_s: number;
+  predicted_pipeline_s: number;
+  /** The pipeline's output equals the single run's, bit for bit. */
   bitwise_identical: boolean;
 }
 
@@ -161,6 +192,11 @@ export async function runSchedulerBench(
       log("measuring batch split vs one executor (transfer-bound, then compute-bound)");
       batchSplit.push(await measureBatchSplit(client, "transfer-bound", 4, 16, 10, 4));
       batchSplit.push(await measureBatchSplit(client, "compute-bound", 8, 128, 6, 20));
+    }
+    let pipeline: PipelineMeasure | null = null;
+    if (executorCount >= 2 && options.pipeline !== false) {
+      log("measuring a pipeline over the executors vs one executor");
+      pipeline = await measurePipeline(client, PIPELINE_JOB);
     }
 
     // Each job streams its weights every step over a slow link, so it lasts long enough to be
@@ -328,10 +364,11 @@ export async function runSchedulerBench(
       batch_split_speedup_compute_bound:
         batchSplit.find((m) => m.regime === "compute-bound")?.speedup ?? null,
       batch_split: batchSplit,
-      pipeline_speedup: null,
+      pipeline_speedup: pipeline?.speedup ?? null,
+      pipeline,
       notes: [
         `batch split: ${SPLIT_MODEL.name} (12.6 MB f32) streams weights every step on each executor under its budget (4 MiB transfer-bound, 20 MiB compute-bound: the larger job's activations need room), over each executor's own 0.25 GB/s link. Every share streams the whole model, so where transfer dominates a split saves nothing (batch_split_speedup); it saves compute, which the ${executorCount} executors' single kernel threads share on this machine's cores (batch_split_speedup_compute_bound is bounded by the core count, not by ${executorCount}). What the cost model chooses on its own (multi_gpu = auto) is in batch_split[].auto_choice and auto_reason; it prices each executor's compute as its own, which CPU executors sharing a machine's cores are not. Details: bench/RESULTS-multigpu.md.`,
-        "pipeline_speedup is null: a pipeline split (stages of one model on different executors) is not built yet.",
+        `pipeline: ${SPLIT_MODEL.name} (12.6 MB f32) under ${PIPELINE_JOB.budgetMiB} MiB per executor streams most of its weights every step on one executor over its 0.25 GB/s link; cut in stages over the idle executors, every stage keeps its weights resident and only activations move, executor to executor (pipeline.stages_streamed_bytes_per_step). Stages compute one after another (a step needs the last one's latent), so the pipeline saves transfers, not compute. Details: bench/RESULTS-multigpu.md.`,
         `dispatch latency is submit → the executor's run starting, queueing included: ${jobCount} jobs on ${executorCount} executors mostly wait their turn.`,
         `the ${executorCount} CPU executors share this machine's cores; each has its own emulated 0.25 GB/s link.`,
       ],
@@ -362,7 +399,7 @@ async function timedRun(
   const result = await client.runJob(spec);
   const seconds = (performance.now() - start) / 1000;
   if (result.state !== JobState.JOB_STATE_SUCCEEDED) {
-    throw new Error(`batch split bench: job ${result.jobId} ended ${result.error?.message}`);
+    throw new Error(`multi-GPU bench: job ${result.jobId} ended ${result.error?.message}`);
   }
   const info = await client.getJob(result.jobId);
   return { seconds, output: Buffer.from(result.output), shares: info.multiGpu?.shares.length ?? 1 };
@@ -423,6 +460,64 @@ async function measureBatchSplit(
     predicted_single_s: choice.singlePredictedS,
     predicted_split_s: choice.splitPredictedS,
     bitwise_identical: [...single, ...split].every((run) => run.output.equals(single[0].output)),
+  };
+}
+
+/** The pipeline figure's job: a budget the model streams through on one executor. */
+const PIPELINE_JOB = { batch: 2, tokens: 16, steps: 12, budgetMiB: 6 };
+
+/**
+ * The pipeline figure: the job on one executor and as a pipeline over the idle ones (each
+ * measured twice after a warm-up run that reads the weights everywhere; the faster run counts),
+ * the cost model's own choice for it, and whether the outputs are the same bits.
+ */
+async function measurePipeline(
+  client: SchedulerClient,
+  job: typeof PIPELINE_JOB,
+): Promise<PipelineMeasure> {
+  const spec = (multiGpu: string): JobSpec =>
+    JobSpec.fromPartial({
+      modelPath: SPLIT_MODEL.name,
+      steps: job.steps,
+      batch: job.batch,
+      tokens: job.tokens,
+      seed: 4,
+      maxVramGib: job.budgetMiB / 1024,
+      policy: "ferry",
+      multiGpu,
+    });
+  await timedRun(client, spec("pipeline"));
+  await timedRun(client, spec("single"));
+  const single = [await timedRun(client, spec("single")), await timedRun(client, spec("single"))];
+  const piped = [
+    await timedRun(client, spec("pipeline")),
+    await timedRun(client, spec("pipeline")),
+  ];
+  const best = (runs: typeof single) => runs.reduce((a, b) => (a.seconds <= b.seconds ? a : b));
+  const auto = (await client.getPlan(spec("auto"))).multiGpu!;
+  const forced = (await client.getPlan(spec("pipeline"))).multiGpu!;
+  const singlePlan = await client.getPlan(spec("single"));
+  const models = await client.listModels();
+  return {
+    budget_mib: job.budgetMiB,
+    model_bytes: models.find((m) => m.name === SPLIT_MODEL.name)?.bytes ?? 0,
+    single_streamed_bytes_per_step: singlePlan.plan?.streamedBytesPerStep ?? 0,
+    batch: job.batch,
+    tokens: job.tokens,
+    steps: job.steps,
+    single_s: best(single).seconds,
+    pipeline_s: best(piped).seconds,
+    speedup: best(single).seconds / best(piped).seconds,
+    stages: best(piped).shares,
+    stages_streamed_bytes_per_step: forced.shares.reduce(
+      (sum, stage) => sum + (stage.plan?.streamedBytesPerStep ?? 0),
+      0,
+    ),
+    auto_choice: auto.mode,
+    auto_reason: auto.explanation.at(-1) ?? "",
+    predicted_single_s: forced.singlePredictedS,
+    predicted_pipeline_s: forced.splitPredictedS,
+    bitwise_identical: [...single, ...piped].every((run) => run.output.equals(single[0].output)),
   };
 }
 

@@ -11,6 +11,7 @@ describe("the scheduler under failure", () => {
       kills: 1,
       restarts: 1,
       batchSplit: false,
+      pipeline: false,
     });
     expect(result.executor_kills).toBe(1);
     expect(result.scheduler_restarts).toBe(1);
@@ -20,5 +21,6 @@ describe("the scheduler under failure", () => {
     // Failures, if any, name a status (none are expected with 6 attempts per job).
     expect(Object.keys(result.failures).every((code) => /^[A-Z_]+$/.test(code))).toBe(true);
     expect(result.batch_split_speedup).toBeNull();
+    expect(result.pipeline_speedup).toBeNull();
   }, 180_000);
 });

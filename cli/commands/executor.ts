@@ -40,6 +40,21 @@ export function register(program: Command): void {
       "--metrics-host <host>",
       "address the metrics endpoint listens on (FERRY_METRICS_HOST)",
       defaults.metricsHost,
+    )
+    .option(
+      "--peer-listen <host:port>",
+      'take pipeline handoffs from other executors here; port 0 = any free port, "" = none (FERRY_PEER_LISTEN)',
+      defaults.peerListen,
+    )
+    .option(
+      "--peer-advertise <host:port>",
+      "the address other executors reach --peer-listen at (FERRY_PEER_ADVERTISE)",
+      defaults.peerAdvertise,
+    )
+    .option(
+      "--peer-tls-name <name>",
+      "with TLS: the DNS name other executors' certificates carry for their peer address (FERRY_PEER_TLS_NAME)",
+      defaults.peerTlsName,
     );
   addConnectionOptions(command).action(
     action("executor", async (flags: ExecutorFlags) => {
@@ -57,6 +72,10 @@ export function register(program: Command): void {
         id: config.id,
         token,
         tls: config.tls,
+        peerListen: config.peerListen,
+        peerAdvertise: config.peerAdvertise,
+        peerTls: config.peerTls,
+        peerTlsName: config.peerTlsName,
         stepSpans: defaults.stepSpans,
       });
       // After the device exists (its name is a resource attribute), before any job runs.

@@ -80,7 +80,7 @@ export interface PlanCommandOptions {
   scheduler?: string;
   /** With --scheduler: the executor to plan for. @default the one a job would be placed on */
   executor?: string;
-  /** With --scheduler: "auto", "single" or "batch" (see JobSpec.multi_gpu). @default "auto" */
+  /** With --scheduler: "auto", "single", "batch" or "pipeline" (see JobSpec.multi_gpu). @default "auto" */
   multiGpu?: string;
 }
 
@@ -360,7 +360,7 @@ export function register(program: Command, io: PlanCommandIo = processIo): void 
     .option("--executor <id>", "with --scheduler: plan for this executor")
     .option(
       "--multi-gpu <mode>",
-      "with --scheduler: auto (the cost model chooses one executor or a batch split), single or batch",
+      "with --scheduler: auto (the cost model chooses one executor, a batch split or a pipeline), single, batch or pipeline",
     )
     .option(
       "--explain",

@@ -113,7 +113,7 @@ export function register(program: Command): void {
     .option("--executor <id>", "run on this executor")
     .option(
       "--multi-gpu <mode>",
-      "auto (the cost model chooses one executor or a batch split across idle ones), single or batch",
+      "auto (the cost model chooses one executor, a batch split or a pipeline over idle ones), single, batch or pipeline",
     )
     .option("--params-backend <backend>", "cpu or disk (default: the executor's)")
     .option("--load <mode>", "lazy, eager or background (default: the executor's)")

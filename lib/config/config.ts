@@ -26,6 +26,9 @@
  * | trace file              | (none)            | FERRY_TRACE_FILE       | unset (no file)                 |
  * | metrics port            | --metrics-port    | FERRY_METRICS_PORT     | unset (none)                    |
  * | metrics address         | --metrics-host    | FERRY_METRICS_HOST     | 127.0.0.1                       |
+ * | executor peer address   | --peer-listen     | FERRY_PEER_LISTEN      | 127.0.0.1:0 ("" = no pipelines) |
+ * | peer address advertised | --peer-advertise  | FERRY_PEER_ADVERTISE   | the address it listens on       |
+ * | peers' certificate name | --peer-tls-name   | FERRY_PEER_TLS_NAME    | the peer address's host         |
  * | status page port        | --http-port       | FERRY_HTTP_PORT        | unset (none)                    |
  * | status page address     | --http-host       | FERRY_HTTP_HOST        | 127.0.0.1                       |
  * | step spans              | (none)            | FERRY_STEP_SPANS       | 1 (0: bench only)               |
@@ -69,6 +72,9 @@ export interface FerryDefaults {
   tlsCa: string | undefined;
   metricsPort: string | undefined;
   metricsHost: string;
+  peerListen: string;
+  peerAdvertise: string | undefined;
+  peerTlsName: string | undefined;
   httpPort: string | undefined;
   httpHost: string;
   /** Whether executors build spans from step events (`ferry bench tracing` turns it off). */
@@ -105,6 +111,9 @@ export function ferryDefaults(env: NodeJS.ProcessEnv = process.env): FerryDefaul
     tlsCa: env.FERRY_TLS_CA || undefined,
     metricsPort: env.FERRY_METRICS_PORT || undefined,
     metricsHost: env.FERRY_METRICS_HOST || "127.0.0.1",
+    peerListen: env.FERRY_PEER_LISTEN ?? "127.0.0.1:0",
+    peerAdvertise: env.FERRY_PEER_ADVERTISE || undefined,
+    peerTlsName: env.FERRY_PEER_TLS_NAME || undefined,
     httpPort: env.FERRY_HTTP_PORT || undefined,
     httpHost: env.FERRY_HTTP_HOST || "127.0.0.1",
     stepSpans: env.FERRY_STEP_SPANS !== "0",
@@ -277,6 +286,9 @@ export interface ExecutorFlags extends ClientFlags {
   load: string;
   metricsPort?: string;
   metricsHost: string;
+  peerListen: string;
+  peerAdvertise?: string;
+  peerTlsName?: string;
 }
 
 export interface ExecutorConfig extends ClientConfig {
@@ -290,6 +302,15 @@ export interface ExecutorConfig extends ClientConfig {
   load: "lazy" | "eager" | "background";
   metricsPort: number | undefined;
   metricsHost: string;
+  /** Where it takes pipeline handoffs ("" = nowhere), and the address peers are told. */
+  peerListen: string;
+  peerAdvertise: string | undefined;
+  /**
+   * TLS for the peer address: the executor's own certificate (--tls-cert/--tls-key, which must
+   * then be good for serving too), other executors' certificates checked against --tls-ca.
+   */
+  peerTls: ServerTlsFiles | undefined;
+  peerTlsName: string | undefined;
 }
 
 export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
@@ -310,8 +331,9 @@ export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
       `--id must be 1 to ${MAX_ID_LENGTH} letters, digits, '.', '_', ':' or '-' (got '${flags.id.slice(0, 80)}')`,
     );
   }
+  const client = resolveClientConfig(flags);
   return {
-    ...resolveClientConfig(flags),
+    ...client,
     device: flags.device,
     vramBytes: parseBytes(flags.vram),
     linkGbps: parseNumberFlag("--link-gbps", flags.linkGbps, 0, 10_000),
@@ -322,6 +344,20 @@ export function resolveExecutorConfig(flags: ExecutorFlags): ExecutorConfig {
     load: flags.load as "lazy" | "eager" | "background",
     metricsPort: parsePortFlag("--metrics-port", flags.metricsPort),
     metricsHost: flags.metricsHost,
+    peerListen: flags.peerListen === "" ? "" : parseAddressFlag("--peer-listen", flags.peerListen),
+    peerAdvertise:
+      flags.peerAdvertise === undefined
+        ? undefined
+        : parseAddressFlag("--peer-advertise", flags.peerAdvertise),
+    peerTls:
+      client.tls?.certFile && client.tls.keyFile
+        ? {
+            certFile: client.tls.certFile,
+            keyFile: client.tls.keyFile,
+            clientCaFile: client.tls.caFile,
+          }
+        : undefined,
+    peerTlsName: flags.peerTlsName,
   };
 }
 

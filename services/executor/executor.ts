@@ -1,6 +1,6 @@
 import { createHash, randomUUID } from "node:crypto";
 import { hostname } from "node:os";
-import { type ClientDuplexStream } from "@grpc/grpc-js";
+import { status as grpcStatus, type ClientDuplexStream } from "@grpc/grpc-js";
 import {
   ConnectRequest,
   JobResult,
@@ -11,6 +11,7 @@ import {
   type Holdings,
   type InputTensor,
   type LoadModelCommand,
+  type PipelineStage,
   type RunJob,
   type SetBudgetCommand,
   type StepStats,
@@ -23,10 +24,11 @@ import {
   bearerInterceptor,
   channelCredentials,
   type ClientTlsFiles,
+  type ServerTlsFiles,
 } from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
 import { StepHistory } from "../../lib/wire/stepHistory";
-import { statusName, toStatusError } from "../../lib/wire/statusError";
+import { StatusError, statusName, toStatusError } from "../../lib/wire/statusError";
 import { loadAddon, mapNativeError } from "../../lib/native/addon";
 import type {
   NativeCpuDeviceInfo,
@@ -39,6 +41,7 @@ import type {
 import { executionOf } from "../../lib/planner/execution";
 import { ExecutorMetrics } from "./executorMetrics";
 import { OutboundQueue } from "./outboundQueue";
+import { HandoffSender, PeerServer, PendingHandoffs, type HandoffTensors } from "./peer";
 import { probeCompute, type ComputeProbe } from "./probe";
 import { StepSpanRecorder } from "./stepSpans";
 
@@ -72,6 +75,24 @@ export interface ExecutorOptions {
   token?: string;
   /** TLS to the scheduler (a client certificate when it verifies executors). @default plaintext */
   tls?: ClientTlsFiles;
+  /**
+   * HOST:PORT this executor takes pipeline handoffs from other executors on (port 0: any free
+   * one); "" = none (it cannot be a pipeline stage). @default "127.0.0.1:0"
+   */
+  peerListen?: string;
+  /** HOST:PORT other executors reach the peer address at. @default the address it listens on */
+  peerAdvertise?: string;
+  /**
+   * TLS for the peer address (a certificate other executors verify with their `tls.caFile`;
+   * with a client CA, handoffs must come with a client certificate it signed). Handoffs to other
+   * executors use `tls` (CA and client certificate). @default plaintext
+   */
+  peerTls?: ServerTlsFiles;
+  /**
+   * With TLS: the DNS name every executor's certificate carries for its peer address (pod IPs
+   * change; one name in every certificate does not). @default the peer address's host
+   */
+  peerTlsName?: string;
   /**
    * Build spans from each step's native events. Only `ferry bench tracing` turns this off, to
    * measure what the span code costs against not having it. @default true
@@ -186,6 +207,10 @@ export class Executor {
   private computeProbe: ComputeProbe | undefined;
   private metrics: ExecutorMetrics | undefined;
   private registeredResolve: (() => void) | undefined;
+  private peer: PeerServer | undefined;
+  private peerAddress = "";
+  /** Handoffs for stage jobs that have not started here yet. */
+  private readonly pendingHandoffs = new PendingHandoffs();
   /** Resolves once the scheduler has acknowledged the first registration. */
   readonly registered: Promise<void>;
 
@@ -264,6 +289,27 @@ export class Executor {
       memory: () => this.device.info(),
       warmModels: () => [...this.warm.keys()],
     });
+    const peerListen = this.options.peerListen ?? "127.0.0.1:0";
+    if (peerListen) {
+      this.peer = new PeerServer({
+        sink: (jobId, step, tensors) => this.takeHandoff(jobId, step, tensors),
+        // The stage cannot get its activations: it fails rather than wait for them for ever.
+        refused: (jobId, message) => {
+          const running = this.runs.get(jobId);
+          if (!running) return;
+          running.failure ??= new StatusError(
+            grpcStatus.INVALID_ARGUMENT,
+            `the previous pipeline stage's activations were refused: ${message}`,
+          );
+          cancelRunning(running);
+        },
+        token: this.options.token,
+        tls: this.options.peerTls,
+        log: this.log,
+      });
+      const bound = await this.peer.listen(peerListen);
+      this.peerAddress = this.options.peerAdvertise || bound;
+    }
     if (this.options.probe ?? true) {
       try {
         this.computeProbe = await probeCompute(this.addon, this.device);
@@ -306,6 +352,7 @@ export class Executor {
             version: ferryVersion(),
             instance: this.instance,
             holdings: this.holdings(),
+            peerAddress: this.peerAddress,
           },
         },
       }),
@@ -507,8 +554,52 @@ export class Executor {
     this.send({ $case: "jobUpdate", value: { update: { $case: "result", value: result } } });
   }
 
+  /** The peer address other executors hand pipeline activations to ("" when none). */
+  get peerAddressForTests(): string {
+    return this.peerAddress;
+  }
+
+  /** A pipeline handoff from the previous stage's executor, for a stage job of this one. */
+  private takeHandoff(jobId: string, step: number, tensors: HandoffTensors): void {
+    const run = this.runs.get(jobId)?.run;
+    if (run) {
+      run.deliver(step, tensors);
+      return;
+    }
+    if (!this.pendingHandoffs.add(jobId, step, tensors)) {
+      this.log(
+        `ferry executor ${this.id}: dropped a handoff for job ${jobId} (step ${step}): ${this.pendingHandoffs.heldBytes} bytes already wait for jobs that have not started`,
+      );
+    }
+  }
+
+  /** The stream a stage job hands its activations to the next stage over. */
+  private stageSender(stage: PipelineStage, current: RunningJob): HandoffSender {
+    if (!stage.nextPeerAddress || !stage.nextJobId) {
+      throw Object.assign(
+        new Error(`pipeline stage ${stage.index} has no next stage to hand its activations to`),
+        { name: "InvalidArgumentError" },
+      );
+    }
+    return new HandoffSender(
+      stage.nextPeerAddress,
+      stage.nextJobId,
+      channelCredentials(this.options.tls),
+      this.options.token,
+      (message) => {
+        // The next stage cannot take this stage's activations: the job cannot go on this way.
+        current.failure ??= new StatusError(
+          grpcStatus.UNAVAILABLE,
+          `pipeline stage ${stage.index}: the next stage's executor (${message})`,
+        );
+        cancelRunning(current);
+      },
+      this.options.peerTlsName,
+    );
+  }
+
   private async runJob(request: RunJob): Promise<void> {
-    const { jobId, spec, plan } = request;
+    const { jobId, spec, plan, stage } = request;
     if (this.runs.has(jobId)) return; // a repeated RunJob for a job already running here
     const current: RunningJob = { jobId, run: undefined, cancelled: false };
     this.runs.set(jobId, current);
@@ -522,6 +613,7 @@ export class Executor {
           });
     const steps = new StepHistory();
     const started = performance.now();
+    let sender: HandoffSender | undefined;
     try {
       if (!spec || !plan) throw new Error("RunJob without a spec or a plan");
       const model = await this.openModel(spec.modelPath);
@@ -537,6 +629,10 @@ export class Executor {
         );
       }
       this.metrics?.jobStarted(spec.modelPath, plan.residentBytes, plan.slots);
+      // A pipeline stage: computes its base segments, handing activations to the next stage.
+      const staged = stage !== undefined && stage.stages > 1;
+      const lastStage = !staged || stage.index === stage.stages - 1;
+      if (staged) sender = this.stageSender(stage, current);
       const run = this.addon.startRun(
         this.device,
         model,
@@ -564,6 +660,7 @@ export class Executor {
           ),
           load: jobOption("load mode", spec.load, LOAD_MODES, this.options.load ?? "background"),
           verify: spec.verify,
+          ...(staged ? { stage: { firstBase: stage.firstBase, lastBase: stage.lastBase } } : {}),
         },
         (report: NativeStepReport) => {
           spans?.record(report);
@@ -581,25 +678,27 @@ export class Executor {
             },
           });
         },
+        staged ? (step, tensors) => sender?.send(step, tensors) : undefined,
       );
       current.run = run;
+      for (const held of this.pendingHandoffs.take(jobId)) run.deliver(held.step, held.tensors);
       if (current.cancelled) run.cancel();
       this.send({ $case: "jobUpdate", value: { update: { $case: "started", value: { jobId } } } });
       const output = await run.done.catch((error: unknown) => {
-        throw mapNativeError(error);
+        throw mapNativeError(current.failure ?? error);
       });
-      const bytes = Buffer.from(
-        output.output.buffer,
-        output.output.byteOffset,
-        output.output.byteLength,
-      );
+      sender?.close();
+      // Only the last stage's latent is the job's output; the others' is a step behind.
+      const bytes = lastStage
+        ? Buffer.from(output.output.buffer, output.output.byteOffset, output.output.byteLength)
+        : Buffer.alloc(0);
       this.deliverResult(
         JobResult.fromPartial({
           jobId,
           state: JobState.JOB_STATE_SUCCEEDED,
           checksum: createHash("sha256").update(bytes).digest("hex"),
           output: bytes,
-          outputShape: output.shape,
+          outputShape: lastStage ? output.shape : [],
           steps: steps.steps(),
           stepsOmitted: steps.omitted,
           totalSeconds: (performance.now() - started) / 1000,
@@ -607,7 +706,8 @@ export class Executor {
         }),
       );
     } catch (error) {
-      const status = toStatusError(error, this.log);
+      sender?.abort();
+      const status = toStatusError(current.failure ?? error, this.log);
       const state =
         statusName(status.code) === "CANCELLED"
           ? JobState.JOB_STATE_CANCELLED
@@ -654,6 +754,7 @@ export class Executor {
     this.stream = undefined;
     this.outbound = undefined;
     this.client.close();
+    this.peer?.stop();
     for (const { model } of this.warm.values()) model.dispose();
     this.warm.clear();
     this.device.dispose();
@@ -666,6 +767,8 @@ interface RunningJob {
   jobId: string;
   run: NativeRun | undefined;
   cancelled: boolean;
+  /** Why the run was stopped when it was not asked to (a pipeline's next stage went away). */
+  failure?: StatusError;
 }
 
 function cancelRunning(running: RunningJob): void {

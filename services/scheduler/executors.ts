@@ -44,6 +44,8 @@ export class ExecutorEntry {
   stream: ExecutorStream | undefined;
   instance = "";
   device: DeviceInfo;
+  /** Where it takes pipeline handoffs from other executors ("" = it cannot be a stage). */
+  peerAddress = "";
   lastSeenMs = Date.now();
   lostAtMs = 0;
   holdings: Holdings = {
@@ -203,6 +205,7 @@ export class ExecutorEntry {
       residentSegments: this.holdings.residentSegments,
       models: this.holdings.models,
       queuedJobs: this.waitingJobs,
+      peerAddress: this.peerAddress,
     };
   }
 }

@@ -7,6 +7,7 @@ import {
   type JobResult,
   type JobSpec,
   type MultiGpuChoice,
+  type PipelineStage,
   type WatchJobResponse,
 } from "../../gen/ferry/v1/scheduler";
 import type { ModelProfile } from "../../lib/model/profile";
@@ -81,8 +82,13 @@ export class Job implements JobRow {
   firstSample = 0;
   /** The share's output while its siblings still run. */
   shareOutput: JobResult | undefined;
-  /** A split job's shares, in sample order (while it runs in this process). */
+  /**
+   * A split job's shares, in sample order, or its pipeline's stages, in model order (while it
+   * runs in this process).
+   */
   shares: Job[] | undefined;
+  /** Pipeline split: the stage of the model this share computes, and where it hands off. */
+  stage: PipelineStage | undefined;
   /** How the job uses the executors (set when it was split). */
   multiGpu: MultiGpuChoice | undefined;
   /** Base segments for a share of `samples` samples (the profiles a batch split may use). */

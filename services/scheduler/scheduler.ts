@@ -8,6 +8,7 @@ import {
   JobState,
   SubmitJobRequest,
   type MultiGpuChoice,
+  type PipelineStage,
   type ConnectRequest,
   type DeviceInfo,
   type ExecutorInfo,
@@ -20,7 +21,7 @@ import {
 } from "../../gen/ferry/v1/scheduler";
 import { planJob } from "../../lib/planner/planJob";
 import { KNOWN_POLICIES } from "../../lib/planner/planJob";
-import type { PlanOptions, PolicyName } from "../../lib/planner/types";
+import type { DeviceProfile, PlanOptions, PolicyName } from "../../lib/planner/types";
 import { ferryTracer, traceparentOf } from "../../lib/telemetry/api";
 import {
   CLIENT_MESSAGE_LIMIT,
@@ -41,6 +42,8 @@ import {
 
 /** |guidance|: FLUX.1-dev is run at 1–10; anything far outside is a mistake. */
 const MAX_GUIDANCE = 1000;
+/** An executor's peer address (HOST:PORT) at most. */
+const MAX_ADDRESS_LENGTH = 256;
 import { checkDecoded } from "../../lib/wire/decoding";
 import {
   checkInputBytes,
@@ -72,6 +75,8 @@ import { ASSUMED_DISK_GBPS, choosePlacement, type PlacementCandidate } from "./p
 import { planToMessage } from "./planProto";
 import {
   chooseMultiGpu,
+  PEER_HANDOFF_GBPS,
+  PEER_HANDOFF_LATENCY_S,
   MAX_SPLIT,
   MULTI_GPU_MODES,
   possibleShareSizes,
@@ -314,6 +319,7 @@ export class Scheduler {
     checkString("executor_id", request.executorId, MAX_ID_LENGTH, ID_PATTERN);
     checkString("instance", request.instance, MAX_ID_LENGTH);
     checkString("version", request.version, MAX_ID_LENGTH);
+    checkString("peer_address", request.peerAddress, MAX_ADDRESS_LENGTH);
     const device = this.validDevice(request.device);
     if (this.lifecycle !== "running") {
       throw new StatusError(status.UNAVAILABLE, "the scheduler is shutting down");
@@ -336,6 +342,7 @@ export class Scheduler {
     if (newInstance) entry.measurements.length = 0;
     entry.instance = instance;
     entry.device = device;
+    entry.peerAddress = request.peerAddress;
     entry.stream = stream;
     entry.state = "connected";
     entry.lastSeenMs = Date.now();
@@ -693,27 +700,12 @@ export class Scheduler {
    * The plan a job gets on an executor: against what is left of its budget beside the jobs
    * running there, or (`whole`) against all of it, as when the executor would be free.
    */
-  private plan(job: Pick<Job, "spec" | "profile">, entry: ExecutorEntry, whole = false): Estimate {
-    const options: PlanOptions = {
-      policy: job.spec.policy as PolicyName,
-      stream: !job.spec.noStream,
-      maxVramGiB: job.spec.maxVramGib,
-    };
-    const profile = job.profile!;
-    const plan = planJob(profile, entry.plannedDevice(whole), options);
-    // FLOPs per merged segment: the compute side of the calibration samples this job yields.
-    const segmentFlops = plan.segments.map((segment) =>
-      profile.segments
-        .slice(segment.base[0], segment.base[1] + 1)
-        .reduce((sum, base) => sum + base.flops, 0),
-    );
-    const stepS = plan.predicted_step_s ?? 0;
-    return {
-      atMs: Date.now(),
-      plan: planToMessage(plan),
-      segmentFlops,
-      runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
-    };
+  private plan(
+    job: Pick<Job, "spec" | "profile"> & { stage?: PipelineStage },
+    entry: ExecutorEntry,
+    whole = false,
+  ): Estimate {
+    return estimateOn(job, entry.plannedDevice(whole));
   }
 
   /**
@@ -834,7 +826,7 @@ export class Scheduler {
           choice,
           choice && options.find((o) => o.candidate === choice)!.entry,
         );
-        if (decision.mode === "batch") {
+        if (decision.mode !== "single") {
           this.startSplit(job, decision);
           continue;
         }
@@ -859,15 +851,9 @@ export class Scheduler {
     if (!job.parent) this.store.save(job);
   }
 
-  /** A job the cost model may split across executors (it has its share profiles). */
+  /** A job the cost model may split across executors (by batch or as a pipeline). */
   private splittable(job: Job): boolean {
-    return (
-      !job.parent &&
-      job.spec.batch >= 2 &&
-      !job.spec.executorId &&
-      multiGpuMode(job.spec) !== "single" &&
-      job.shareProfiles.size > 0
-    );
+    return !job.parent && !job.spec.executorId && multiGpuMode(job.spec) !== "single";
   }
 
   /**
@@ -880,29 +866,96 @@ export class Scheduler {
     singleEntry: ExecutorEntry | undefined,
   ): MultiGpuDecision<PlanMessage> {
     const kind = singleEntry?.device.kind;
-    const idle: SplitCandidate<PlanMessage>[] = [...this.executors.values()]
+    const idleEntries = [...this.executors.values()]
       .filter((entry) => entry.idle && (kind === undefined || entry.device.kind === kind))
-      .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
+      .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    const coldLoadS = (entry: ExecutorEntry) =>
+      entry.isWarm(job.spec.modelPath) ? 0 : (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9);
+    const idle: SplitCandidate<PlanMessage>[] = (job.shareProfiles.size > 0 ? idleEntries : [])
       .map((entry) => ({
         id: entry.id,
         price: (samples: number) => {
           const estimate = this.shareEstimate(job, entry, samples);
           if (!estimate) return undefined;
-          return {
-            plan: estimate.plan,
-            runS: estimate.runS,
-            coldLoadS: entry.isWarm(job.spec.modelPath)
-              ? 0
-              : (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9),
-          };
+          return { plan: estimate.plan, runS: estimate.runS, coldLoadS: coldLoadS(entry) };
         },
       }));
+    const mode = multiGpuMode(job.spec);
+    const profile = job.profile!;
+    // A pipeline saves transfers only: where the model fits the chosen executor, nothing streams
+    // and a pipeline would only add handoffs (asked for one, it is still priced).
+    const streams =
+      singleEntry === undefined ||
+      (this.estimate(job as Job, singleEntry, true)?.plan.streamedBytesPerStep ?? 1) > 0;
+    const peers = idleEntries.filter((entry) => entry.peerAddress);
+    // What one handoff carries: the activations between segments (the state a segment writes and
+    // the next reads) and the latent, both ways of the ring alike.
+    const handoffBytes =
+      2 * Math.max(0, ...profile.segments.map((segment) => segment.output_bytes + segment.prev_cut_bytes));
     return chooseMultiGpu({
-      mode: multiGpuMode(job.spec),
+      mode,
       batch: job.spec.batch,
       single: single && { id: single.id, finishS: predictedFinishS(single), idle: single.idle },
       idle,
+      baseSegments: profile.segments.length,
+      pipeline: {
+        baseBytes: profile.segments.map((segment) => segment.param_bytes),
+        steps: job.spec.steps,
+        handoffS: PEER_HANDOFF_LATENCY_S + handoffBytes / (PEER_HANDOFF_GBPS * 1e9),
+        candidates: peers.map((entry) => ({
+          id: entry.id,
+          price: (first: number, last: number) => {
+            const estimate = this.stageEstimate(job, entry, first, last);
+            if (!estimate) return undefined;
+            return {
+              plan: estimate.plan,
+              stepS: estimate.runS / job.spec.steps,
+              coldLoadS: coldLoadS(entry),
+            };
+          },
+        })),
+        unavailable:
+          mode === "auto" && !streams
+            ? "the model fits one executor without streaming; a pipeline would only add handoffs"
+            : undefined,
+      },
     });
+  }
+
+  /** The plan and predicted run of base segments first..last of the job on an executor. */
+  private stageEstimate(
+    job: Pick<Job, "spec" | "model" | "profile">,
+    entry: ExecutorEntry,
+    first: number,
+    last: number,
+  ): Estimate | undefined {
+    const s = job.spec;
+    const key = `stage|${entry.id}|${entry.budgetBytes}|${s.modelPath}|${job.model?.mtimeMs}|${s.batch}|${s.tokens}|${s.contextTokens}|${s.steps}|${s.policy}|${s.maxVramGib}|${s.noStream}|${first}|${last}`;
+    const cached = this.estimates.get(key);
+    if (cached && Date.now() - cached.atMs < ESTIMATE_TTL_MS) return cached;
+    let estimate: Estimate | undefined;
+    try {
+      estimate = estimateOn(
+        {
+          spec: s,
+          profile: job.profile,
+          stage: {
+            index: 0,
+            stages: 0,
+            firstBase: first,
+            lastBase: last,
+            nextPeerAddress: "",
+            nextJobId: "",
+          },
+        },
+        entry.plannedDevice(true),
+      );
+    } catch {
+      estimate = undefined;
+    }
+    if (this.estimates.size > 4096) this.estimates.clear();
+    if (estimate) this.estimates.set(key, estimate);
+    return estimate;
   }
 
   /** The plan and predicted run of `samples` of the job on an executor (cached like estimate). */
@@ -935,6 +988,10 @@ export class Scheduler {
   private startSplit(job: Job, decision: MultiGpuDecision<PlanMessage>): void {
     const entries = decision.shares.map((share) => this.executors.get(share.executorId));
     if (entries.some((entry) => !entry?.idle)) return;
+    if (decision.mode === "pipeline") {
+      this.startPipeline(job, decision, entries as ExecutorEntry[]);
+      return;
+    }
     this.queue.remove(job);
     job.state = JobState.JOB_STATE_RUNNING;
     job.executorId = decision.shares[0].executorId;
@@ -973,15 +1030,105 @@ export class Scheduler {
     for (const [index, child] of job.shares.entries()) this.start(child, entries[index]!);
   }
 
-  /** A share finished: the job fails with it, or succeeds with every share's output concatenated. */
+  /**
+   * Runs a job as a pipeline: one stage per chosen executor, each a job of the whole batch that
+   * computes its base segments and hands its activations to the next stage's executor directly.
+   * The stages start together; a stage waits for its activations natively.
+   */
+  private startPipeline(
+    job: Job,
+    decision: MultiGpuDecision<PlanMessage>,
+    entries: ExecutorEntry[],
+  ): void {
+    this.queue.remove(job);
+    job.state = JobState.JOB_STATE_RUNNING;
+    job.executorId = decision.shares[0].executorId;
+    job.plan = decision.shares[0].plan;
+    job.attempts++;
+    job.dispatchedMs = Date.now();
+    job.startedMs = 0;
+    job.resetProgress();
+    job.multiGpu = multiGpuMessage(decision);
+    const k = decision.shares.length;
+    // Ids name the attempt: a stage of an abandoned attempt may still be winding down.
+    const ids = decision.shares.map((_, index) => `${job.id}.a${job.attempts}.s${index}`);
+    job.shares = decision.shares.map((share, index) => {
+      const child = new Job({
+        ...job,
+        id: ids[index],
+        idempotencyKey: "",
+        spec: { ...job.spec, executorId: "", multiGpu: "single" },
+        state: JobState.JOB_STATE_QUEUED,
+        executorId: "",
+        plan: undefined,
+        attempts: 0,
+        startedMs: 0,
+        finishedMs: 0,
+      });
+      child.parent = job;
+      child.model = job.model;
+      child.profile = job.profile;
+      child.stage = {
+        index,
+        stages: k,
+        firstBase: share.firstBase,
+        lastBase: share.lastBase,
+        nextPeerAddress: entries[(index + 1) % k].peerAddress,
+        nextJobId: ids[(index + 1) % k],
+      };
+      this.jobs.set(child.id, child);
+      return child;
+    });
+    this.save(job);
+    job.span?.setAttribute("ferry.multi_gpu", "pipeline");
+    job.span?.setAttribute("ferry.stages", k);
+    this.log(
+      `ferry scheduler: job ${job.id} runs as a pipeline over ${k} executors (${decision.shares.map((s) => `${s.firstBase}–${s.lastBase} on ${s.executorId}`).join(", ")})`,
+    );
+    for (const [index, child] of job.shares.entries()) this.start(child, entries[index]);
+  }
+
+  /**
+   * A pipeline stage cannot go on (its executor was lost or went away, or its neighbour did): the
+   * other stages would wait for it for ever, so they are cancelled and the whole job runs again.
+   */
+  private restartPipeline(stage: Job, reason: string): void {
+    const job = stage.parent!;
+    this.jobs.delete(stage.id);
+    if (job.finished || !job.shares?.includes(stage)) return;
+    const stages = job.shares;
+    job.shares = undefined;
+    for (const sibling of stages) {
+      if (sibling === stage || sibling.finished) continue;
+      sibling.cancelRequested = true;
+      this.executors.get(sibling.executorId)?.send({
+        $case: "cancelRun",
+        value: { jobId: sibling.id },
+      });
+    }
+    this.requeueOrFail(
+      job,
+      `pipeline stage ${stage.stage!.index} (base segments ${stage.stage!.firstBase}–${stage.stage!.lastBase}, on executor ${stage.executorId || "none"}): ${reason}`,
+    );
+  }
+
+  /**
+   * A share finished: the job fails with it, or succeeds with every share's output concatenated
+   * (a pipeline: with its last stage's output).
+   */
   private shareFinished(share: Job, result: JobResult): void {
     const job = share.parent!;
     share.finish(result, Date.now());
     this.jobs.delete(share.id);
     if (job.finished) return;
-    const shares = job.shares ?? [];
+    // A stage of an earlier attempt of a pipeline, winding down.
+    if (!job.shares?.includes(share)) return;
+    const shares = job.shares;
     const index = shares.indexOf(share);
     const last = share.firstSample + share.spec.batch - 1;
+    const what = share.stage
+      ? `stage ${index} of the pipeline (base segments ${share.stage.firstBase}–${share.stage.lastBase}, on executor ${share.executorId || "none"})`
+      : `share ${index} of the batch split (samples ${share.firstSample}–${last}, on executor ${share.executorId || "none"})`;
     if (result.state !== JobState.JOB_STATE_SUCCEEDED) {
       for (const sibling of shares) {
         if (sibling === share || sibling.finished) continue;
@@ -1003,7 +1150,7 @@ export class Scheduler {
           state: cancelled ? JobState.JOB_STATE_CANCELLED : JobState.JOB_STATE_FAILED,
           error: {
             code: result.error?.code || (cancelled ? "CANCELLED" : "INTERNAL"),
-            message: `share ${index} of the batch split (samples ${share.firstSample}–${last}, on executor ${share.executorId || "none"}): ${result.error?.message ?? "failed"}`,
+            message: `${what}: ${result.error?.message ?? "failed"}`,
           },
           steps: result.steps,
           executorId: share.executorId,
@@ -1013,9 +1160,15 @@ export class Scheduler {
     }
     share.shareOutput = result;
     if (!shares.every((s) => s.shareOutput)) return;
-    const output = Buffer.concat(shares.map((s) => s.shareOutput!.output));
-    const shape = [...shares[0].shareOutput!.outputShape];
-    shape[0] = shares.reduce((sum, s) => sum + (s.shareOutput!.outputShape[0] ?? 0), 0);
+    const pipeline = shares[0].stage !== undefined;
+    const lastStage = shares[shares.length - 1].shareOutput!;
+    const output = pipeline
+      ? lastStage.output
+      : Buffer.concat(shares.map((s) => s.shareOutput!.output));
+    const shape = [...(pipeline ? lastStage.outputShape : shares[0].shareOutput!.outputShape)];
+    if (!pipeline) {
+      shape[0] = shares.reduce((sum, s) => sum + (s.shareOutput!.outputShape[0] ?? 0), 0);
+    }
     this.completeJob(
       job,
       JobResult.fromPartial({
@@ -1027,11 +1180,12 @@ export class Scheduler {
         checksum: job.cancelRequested ? "" : createHash("sha256").update(output).digest("hex"),
         output: job.cancelRequested ? Buffer.alloc(0) : output,
         outputShape: shape,
-        // The first share's steps stand for the job's (every share runs every step).
-        steps: shares[0].shareOutput!.steps,
-        stepsOmitted: shares[0].shareOutput!.stepsOmitted,
+        // The first share's steps stand for the job's (every share runs every step); a
+        // pipeline's last stage's, whose steps end the job's.
+        steps: (pipeline ? lastStage : shares[0].shareOutput!).steps,
+        stepsOmitted: (pipeline ? lastStage : shares[0].shareOutput!).stepsOmitted,
         totalSeconds: (Date.now() - job.dispatchedMs) / 1000,
-        executorId: shares[0].executorId,
+        executorId: pipeline ? shares[shares.length - 1].executorId : shares[0].executorId,
       }),
     );
   }
@@ -1067,6 +1221,7 @@ export class Scheduler {
         plan: job.plan,
         traceparent: span ? traceparentOf(trace.setSpan(ROOT_CONTEXT, span)) : "",
         firstSample: job.firstSample,
+        stage: job.stage,
       },
     });
   }
@@ -1294,7 +1449,7 @@ export class Scheduler {
     const best = choosePlacement(priced.map((p) => p.candidate));
     const chosen = priced.find((p) => p.candidate === best);
     const decision = this.multiGpuDecision(probe, best, chosen?.entry);
-    if (decision.mode === "batch") {
+    if (decision.mode !== "single") {
       const first = decision.shares[0];
       return {
         plan: first.plan,
@@ -1383,6 +1538,11 @@ export class Scheduler {
     if (job.finished) return;
     if (job.parent?.finished) {
       this.jobs.delete(job.id);
+      return;
+    }
+    // A pipeline runs again as a whole: its other stages wait on this one's activations.
+    if (job.stage) {
+      this.restartPipeline(job, reason);
       return;
     }
     if (job.cancelRequested) {
@@ -1762,24 +1922,7 @@ export class Scheduler {
 
   /** The plan a job gets on an executor with `freeBytes` of its budget to itself. */
   private planWithin(job: Job, entry: ExecutorEntry, freeBytes: number): Estimate {
-    const options: PlanOptions = {
-      policy: job.spec.policy as PolicyName,
-      stream: !job.spec.noStream,
-      maxVramGiB: job.spec.maxVramGib,
-    };
-    const device = { ...entry.plannedDevice(true), free_bytes: freeBytes };
-    const plan = planJob(job.profile!, device, options);
-    const stepS = plan.predicted_step_s ?? 0;
-    return {
-      atMs: Date.now(),
-      plan: planToMessage(plan),
-      segmentFlops: plan.segments.map((segment) =>
-        job
-          .profile!.segments.slice(segment.base[0], segment.base[1] + 1)
-          .reduce((sum, base) => sum + base.flops, 0),
-      ),
-      runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
-    };
+    return estimateOn(job, { ...entry.plannedDevice(true), free_bytes: freeBytes });
   }
 
   /** Evicts a model from one executor, or from every executor that has it open. */
@@ -1868,6 +2011,47 @@ export class Scheduler {
   }
 }
 
+/**
+ * A job's plan on a device: for the whole model, or for a pipeline stage's base segments (its
+ * plan's segments then count in the whole model's base segments, as the executor runs them).
+ */
+function estimateOn(
+  job: Pick<Job, "spec" | "profile"> & { stage?: PipelineStage },
+  device: DeviceProfile,
+): Estimate {
+  const options: PlanOptions = {
+    policy: job.spec.policy as PolicyName,
+    stream: !job.spec.noStream,
+    maxVramGiB: job.spec.maxVramGib,
+  };
+  const profile = job.profile!;
+  const first = job.stage?.firstBase ?? 0;
+  const segments = job.stage
+    ? profile.segments.slice(first, job.stage.lastBase + 1)
+    : profile.segments;
+  const plan = planJob(job.stage ? { ...profile, segments } : profile, device, options);
+  const message = planToMessage(plan);
+  if (job.stage) {
+    for (const segment of message.segments) {
+      segment.firstBase += first;
+      segment.lastBase += first;
+    }
+    message.baseSegmentNames = profile.segments.map((segment) => segment.name);
+  }
+  const stepS = plan.predicted_step_s ?? 0;
+  return {
+    atMs: Date.now(),
+    plan: message,
+    // FLOPs per merged segment: the compute side of the calibration samples this job yields.
+    segmentFlops: plan.segments.map((segment) =>
+      segments
+        .slice(segment.base[0], segment.base[1] + 1)
+        .reduce((sum, base) => sum + base.flops, 0),
+    ),
+    runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
+  };
+}
+
 /** A spec's multi-GPU mode ("" = "auto"). */
 function multiGpuMode(spec: JobSpec): MultiGpuMode {
   return (spec.multiGpu || "auto") as MultiGpuMode;
@@ -1883,6 +2067,8 @@ export function multiGpuMessage(decision: MultiGpuDecision<PlanMessage>): MultiG
       samples: share.samples,
       plan: share.plan,
       predictedS: share.predictedS,
+      firstBase: share.firstBase,
+      lastBase: share.lastBase,
     })),
     singlePredictedS: decision.singleS ?? 0,
     splitPredictedS: decision.splitS ?? 0,
