@@ -287,6 +287,8 @@ export interface NativeRunRequest {
    * `output` is the job's; chained stages give bitwise the single-device run's output. A stage
    * covering the whole model hands nothing over (as without `stage`). A range that is not one
    * of the model's, or a plan that does not cover it, rejects `done` with InvalidArgumentError.
+   * A stage waits for its handoffs until cancelled: when one stage's `done` rejects, cancel the
+   * others. A step report's span (and its stalls) starts once the step's handoff has arrived.
    */
   stage?: NativePipelineStage;
 }
