@@ -319,7 +319,10 @@ class RunBase {
                            ", waiting for the previous pipeline stage's activations");
     }
     const auto& specs = graphs_->activation_specs();
-    for (const auto& [name, values] : handoff) {
+    for (const auto& entry : handoff) {
+      // (Not a structured binding: C++17 lambdas cannot capture one.)
+      const std::string& name = entry.first;
+      const std::vector<float>& values = entry.second;
       const auto spec = std::find_if(specs.begin(), specs.end(),
                                      [&](const ActivationSpec& a) { return a.name == name; });
       if (spec == specs.end() || !handed_over(*spec)) {
