@@ -239,7 +239,10 @@ export interface NativeRunRequest {
    * absent ones are generated natively from `seed`.
    */
   inputs?: Record<string, Float32Array>;
-  /** Must cover base segments 0..n−1 in order, each exactly once. */
+  /**
+   * Must cover base segments 0..n−1 in order, each exactly once (with `stage`, the stage's
+   * firstBase..lastBase).
+   */
   segments: NativePlanSegment[];
   /**
    * "serial": sd.cpp's execution — a fresh device buffer per segment per step, copy then
@@ -272,7 +275,35 @@ export interface NativeRunRequest {
    * against it; a mismatch fails the run with IntegrityError. @default false
    */
   verify?: boolean;
+  /**
+   * This run is one stage of a pipeline split: it computes base segments firstBase..lastBase
+   * (inclusive) only, and reads only theirs from disk. Needs "pooled" execution. Before step t it
+   * waits for the handoff labelled t (given to `deliver`), except the first stage (firstBase 0) at
+   * step 1; after step t's segments a stage that is not the last (lastBase n−1) hands on the
+   * handoff labelled t through `onHandoff`, while the last runs the sampler's update and, when
+   * t < steps, hands the handoff labelled t+1 to the first stage. A handoff holds every latent,
+   * output and state activation by name (each stage computes its own inputs, job state and
+   * timesteps: give every stage the same request but stage and plan). Only the last stage's
+   * `output` is the job's; chained stages give bitwise the single-device run's output. A stage
+   * covering the whole model hands nothing over (as without `stage`). A range that is not one
+   * of the model's, or a plan that does not cover it, rejects `done` with InvalidArgumentError.
+   * A stage waits for its handoffs until cancelled: when one stage's `done` rejects, cancel the
+   * others. A step report's span (and its stalls) starts once the step's handoff has arrived.
+   */
+  stage?: NativePipelineStage;
 }
+
+/** A pipeline stage's base segments (NativeRunRequest.stage). */
+export interface NativePipelineStage {
+  firstBase: number;
+  lastBase: number;
+}
+
+/**
+ * Activations one pipeline stage hands the next, float32 in ggml order by activation name. From
+ * `onHandoff` each array views native memory (freed when the array is collected; no copy).
+ */
+export type NativeHandoff = Record<string, Float32Array>;
 
 /**
  * "read": a base segment's weights read from the file ahead of use (eager or background loading)
@@ -347,8 +378,9 @@ export interface NativeRun {
   /**
    * Settles when the run ends; by then the device is free for the next run. Rejects with
    * DeviceBusyError (the device already runs a job), InvalidArgumentError (bad plan or request),
-   * DeviceOutOfMemoryError, ModelFormatError / IoError (reading weights), CancelledError, or the
-   * error `onStep` threw.
+   * DeviceOutOfMemoryError, ModelFormatError / IoError (reading weights), CancelledError
+   * (also when cancelled while a stage waits for a handoff), or the error `onStep` or
+   * `onHandoff` threw. Every step report and handoff is delivered before it settles.
    */
   done: Promise<NativeRunOutput>;
   /** Asks the run to stop at its next segment boundary; `done` then rejects with CancelledError. */
@@ -360,6 +392,14 @@ export interface NativeRun {
    * plan that does not cover the model fails the run there.
    */
   swapPlan(plan: { segments: NativeRunRequest["segments"]; slots: number }): void;
+  /**
+   * A stage run: the previous stage's handoff labelled `step` (what its `onHandoff` got), copied
+   * into the run's inbox; the run takes it before step `step`. Handoffs may come early and in any
+   * order of steps. Throws InvalidArgumentError synchronously when `step` is not an integer ≥ 1 or
+   * a value is not a Float32Array; a handoff whose names or sizes are not the job's activations'
+   * fails the run. Ignored once the run has finished.
+   */
+  deliver(step: number, tensors: NativeHandoff): void;
 }
 
 /** The sizes of a job, for measureSegments. */
@@ -483,13 +523,17 @@ export interface NativeAddon {
   ggmlTypes(): NativeGgmlType[];
   /**
    * Starts a job on `device`. Malformed arguments throw InvalidArgumentError synchronously;
-   * everything else arrives through `done`. `onStep` runs on the main thread after each step; if
-   * it throws, the run stops and `done` rejects with that error.
+   * everything else arrives through `done`. `onStep` runs on the main thread after each step;
+   * `onHandoff` on the main thread for every handoff a stage run sends (`request.stage`; a stage
+   * that is not the whole model needs it, else InvalidArgumentError), labelled with the step it
+   * feeds: pass it to the next stage's `deliver`. If either throws, the run stops and `done`
+   * rejects with that error.
    */
   startRun(
     device: NativeDevice<NativeDeviceInfoBase>,
     model: NativeModel,
     request: NativeRunRequest,
     onStep?: (report: NativeStepReport) => void,
+    onHandoff?: (step: number, tensors: NativeHandoff) => void,
   ): NativeRun;
 }

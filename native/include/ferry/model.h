@@ -113,6 +113,8 @@ class Model {
   void prefetch(const std::vector<size_t>& order, bool cyclic = false);
   // Eager: reads every segment not in host memory yet, in parallel; returns when all are.
   void load_all();
+  // The same for base segments first..last only (a pipeline stage's).
+  void load(size_t first, size_t last);
   void cancel_prefetch();
   bool params_cached(size_t index) const;
   uint64_t host_cache_bytes() const;

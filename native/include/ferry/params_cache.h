@@ -163,6 +163,8 @@ class ParamsCache {
   // Reads every segment not yet in host memory, in parallel, and returns when all are there;
   // rethrows the first failure (in segment order) after every read has ended.
   void load_all();
+  // The same for segments first..last only (InvalidArgumentError for a bad range).
+  void load(size_t first, size_t last);
   // Throws away the background prefetch order (reads already started finish).
   void cancel_prefetch();
 

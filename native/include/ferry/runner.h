@@ -21,9 +21,12 @@
 // spans show the overlap, and each step reports how long compute waited for copies (stall_us).
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,6 +60,43 @@ enum class LoadMode : uint8_t {
   kBackground,  // a background reader, in plan order, from job start
 };
 
+// A pipeline stage's connection to the stages before and after it. A model's base segments are
+// cut into contiguous ranges, each run by its own executor; every step, each stage hands the
+// activations its segments computed to the next, and the last stage (after the sampler's update)
+// hands them to the first. A handoff is labelled with the step whose segments it feeds, and holds
+// every activation of role kLatent, kOutput or kState as float32 host copies by name (each stage
+// computes its own inputs, job state and step inputs). Both calls are made on the run's thread.
+class StageLink {
+ public:
+  virtual ~StageLink() = default;
+  // Waits for the handoff labelled `step` and moves it into `out`. Returns false, without
+  // waiting longer, once `cancel` (may be null) is set: it must be checked at least every ~20 ms.
+  virtual bool receive(int64_t step, const std::atomic<bool>* cancel, HostTensors* out) = 0;
+  // Hands on the handoff labelled `step`. Must not block on the receiving stage.
+  virtual void send(int64_t step, HostTensors&& tensors) = 0;
+};
+
+// Handoffs by label, for a StageLink's receive side: put() from any thread, in any order of
+// steps, before or while the run waits; wait() as StageLink::receive. A later put of a label not
+// yet taken replaces the earlier one.
+class HandoffInbox {
+ public:
+  void put(int64_t step, HostTensors&& tensors);
+  bool wait(int64_t step, const std::atomic<bool>* cancel, HostTensors* out);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, HostTensors> handoffs_;
+};
+
+// The part of the model a run computes as one stage of a pipeline split.
+struct PipelineStage {
+  int64_t first_base = 0;  // base segments first_base..last_base (inclusive)
+  int64_t last_base = 0;
+  StageLink* link = nullptr;  // not owned; needed unless the stage is the whole model
+};
+
 struct RunRequest {
   JobShape job;
   int64_t steps = 1;
@@ -73,6 +113,13 @@ struct RunRequest {
   // Checksum each base segment's host params at its first use in the job and check every copy of
   // it on the device against that (IntegrityError on a mismatch).
   bool verify = false;
+  // A stage of a pipeline split (pooled execution only): the plan's segments cover exactly the
+  // stage's base segments; the run receives the handoff labelled t before step t (except the
+  // first stage, first_base 0, at step 1), and after step t's segments a stage that is not the
+  // last sends the handoff labelled t, while the last (last_base n−1) runs the sampler's update
+  // and, if t < steps, sends the handoff labelled t+1. Only the last stage's output is the job's
+  // result. A stage covering the whole model hands nothing over, as without a stage.
+  std::optional<PipelineStage> stage;
 };
 
 // Most staging slots a plan may ask for: beyond a few, slots only take memory from residency.
@@ -110,13 +157,13 @@ class PlanMailbox {
   uint32_t swaps_ = 0;
 };
 
-// Runs the job on the leased device. `cancel` (may be null) is checked between segments; a set
-// flag ends the run with CancelledError. `on_step` (may be empty) gets each step's report on the
-// run's thread; `plans` (may be null) hands a pooled run new plans at step boundaries. Everything
-// the job allocated on the device is freed when this returns or throws, except resident weights of
-// a pooled run, which stay in the device's residency cache. Throws InvalidArgumentError (bad
-// request or plan), DeviceOutOfMemoryError, CancelledError, ModelFormatError / IoError (reading
-// weights), IntegrityError (verify).
+// Runs the job on the leased device. `cancel` (may be null) is checked between segments and
+// while a stage waits for a handoff; a set flag ends the run with CancelledError. `on_step` (may be
+// empty) gets each step's report on the run's thread; `plans` (may be null) hands a pooled run new
+// plans at step boundaries. Everything the job allocated on the device is freed when this returns
+// or throws, except resident weights of a pooled run, which stay in the device's residency cache.
+// Throws InvalidArgumentError (bad request or plan), DeviceOutOfMemoryError, CancelledError,
+// ModelFormatError / IoError (reading weights), IntegrityError (verify).
 RunOutput run_job(DeviceLease& lease, Model& model, const RunRequest& request,
                   const std::atomic<bool>* cancel, const StepObserver& on_step,
                   PlanMailbox* plans = nullptr);

@@ -18,12 +18,34 @@ namespace addon {
 namespace {
 
 struct RunState;
-void deliver_step(Napi::Env env, Napi::Function on_step, RunState* state, StepReport* report);
-using StepChannel = Napi::TypedThreadSafeFunction<RunState, StepReport, deliver_step>;
 
-// One run, shared by its native thread, the JS `cancel` function and the channel's finalizer.
-// The thread is joined, and the promise settled, by the finalizer on the main thread, after the
-// last step report has been delivered.
+// What the run's thread hands the main thread: a step report or a pipeline stage's handoff. One
+// channel carries both, in the order the run made them, so every handoff reaches onHandoff
+// before the run's promise settles, and nothing but this channel can keep the process alive.
+struct Message {
+  std::unique_ptr<StepReport> report;
+  int64_t handoff_step = 0;
+  std::unique_ptr<HostTensors> handoff;
+};
+void deliver_message(Napi::Env env, Napi::Function unused, RunState* state, Message* message);
+using StepChannel = Napi::TypedThreadSafeFunction<RunState, Message, deliver_message>;
+
+// A stage run's link: handoffs from deliver() wait in the inbox; handoffs it sends go to
+// onHandoff through the run's channel.
+class AddonLink final : public StageLink {
+ public:
+  explicit AddonLink(RunState* state) : state_(state) {}
+  bool receive(int64_t step, const std::atomic<bool>* cancel, HostTensors* out) override;
+  void send(int64_t step, HostTensors&& tensors) override;
+  HandoffInbox inbox;
+
+ private:
+  RunState* state_;
+};
+
+// One run, shared by its native thread, the JS `cancel` and `deliver` functions and the channel's
+// finalizer. The thread is joined, and the promise settled, by the finalizer on the main thread,
+// after the last step report and handoff have been delivered.
 struct RunState {
   std::shared_ptr<Device> device;
   std::shared_ptr<Model> model;
@@ -32,13 +54,16 @@ struct RunState {
   std::atomic<bool> cancel{false};
   std::atomic<bool> finished{false};
   PlanMailbox plans;          // swapPlan(): taken by the run at its next step boundary
+  AddonLink link{this};       // a pipeline stage's handoffs
   bool tearing_down = false;  // main thread only
   std::thread thread;
   StepChannel channel;
   std::optional<Napi::Promise::Deferred> deferred;
   Napi::ObjectReference device_object;  // keep the wraps alive for external-memory accounting
   Napi::ObjectReference model_object;
-  Napi::ObjectReference callback_error;  // onStep threw: the run stops and rejects with it
+  Napi::FunctionReference on_step;
+  Napi::FunctionReference on_handoff;
+  Napi::ObjectReference callback_error;  // onStep or onHandoff threw: the run stops, rejects
   std::optional<RunOutput> output;
   std::optional<CapturedError> error;
   std::optional<Napi::Env::CleanupHook<void (*)(RunState*), RunState>> cleanup_hook;
@@ -75,15 +100,52 @@ Napi::Object report_object(Napi::Env env, const StepReport& r) {
   return o;
 }
 
-void deliver_step(Napi::Env env, Napi::Function on_step, RunState* state, StepReport* report) {
-  std::unique_ptr<StepReport> owned(report);
-  // A null env: the channel is being torn down with reports still queued; just free them.
-  if (env == nullptr || on_step.IsEmpty() || !state->callback_error.IsEmpty()) return;
+// The handoff as { name: Float32Array }, each array over the native vector it came in (moved to
+// the heap and freed by the ArrayBuffer's finalizer): no copy crosses the boundary.
+Napi::Object handoff_object(Napi::Env env, HostTensors& tensors) {
+  Napi::Object o = Napi::Object::New(env);
+  for (auto& [name, values] : tensors) {
+    auto owned = std::make_unique<std::vector<float>>(std::move(values));
+    const size_t length = owned->size();
+    if (owned->empty()) owned->reserve(1);  // a non-null pointer for an empty array
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
+        env, owned->data(), length * sizeof(float),
+        [](Napi::Env, void*, std::vector<float>* vector) { delete vector; }, owned.get());
+    owned.release();
+    o.Set(name, Napi::Float32Array::New(env, length, buffer, 0));
+  }
+  return o;
+}
+
+void deliver_message(Napi::Env env, Napi::Function, RunState* state, Message* message) {
+  std::unique_ptr<Message> owned(message);
+  // A null env: the channel is being torn down with messages still queued; just free them.
+  if (env == nullptr || !state->callback_error.IsEmpty()) return;
   try {
-    on_step.Call({report_object(env, *report)});
+    if (owned->report && !state->on_step.IsEmpty()) {
+      state->on_step.Call({report_object(env, *owned->report)});
+    } else if (owned->handoff && !state->on_handoff.IsEmpty()) {
+      state->on_handoff.Call({Napi::Number::New(env, static_cast<double>(owned->handoff_step)),
+                              handoff_object(env, *owned->handoff)});
+    }
   } catch (const Napi::Error& e) {
     state->callback_error = Napi::Persistent(e.Value());
     state->cancel.store(true);
+  }
+}
+
+bool AddonLink::receive(int64_t step, const std::atomic<bool>* cancel, HostTensors* out) {
+  return inbox.wait(step, cancel, out);
+}
+
+void AddonLink::send(int64_t step, HostTensors&& tensors) {
+  auto message = std::make_unique<Message>();
+  message->handoff_step = step;
+  message->handoff = std::make_unique<HostTensors>(std::move(tensors));
+  if (state_->channel.NonBlockingCall(message.get()) == napi_ok) {
+    message.release();
+  } else {
+    state_->cancel.store(true);  // the environment is going away: nobody is listening
   }
 }
 
@@ -126,6 +188,8 @@ void finalize_run(Napi::Env env, std::shared_ptr<RunState>* holder, RunState*) {
   state->device_object.Reset();
   state->model_object.Reset();
   state->callback_error.Reset();
+  state->on_step.Reset();
+  state->on_handoff.Reset();
 }
 
 void on_env_teardown(RunState* state) {
@@ -138,7 +202,8 @@ void run_thread(std::shared_ptr<RunState> state) {
     state->output = run_job(
         state->lease, *state->model, state->request, &state->cancel,
         [&state](StepReport&& report) {
-          auto boxed = std::make_unique<StepReport>(std::move(report));
+          auto boxed = std::make_unique<Message>();
+          boxed->report = std::make_unique<StepReport>(std::move(report));
           if (state->channel.NonBlockingCall(boxed.get()) == napi_ok) {
             boxed.release();
           } else {
@@ -251,7 +316,35 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
         env, where + ".load must be \"lazy\", \"eager\" or \"background\", got \"" + load + "\"");
   }
   r.verify = has_field(o, "verify") ? bool_field(o, "verify", where) : false;
+  if (has_field(o, "stage")) {
+    Napi::Object stage = object_arg(o.Get("stage"), where + ".stage");
+    PipelineStage st;
+    st.first_base = static_cast<int64_t>(uint_field(stage, "firstBase", where + ".stage"));
+    st.last_base = static_cast<int64_t>(uint_field(stage, "lastBase", where + ".stage"));
+    r.stage = st;
+  }
   return r;
+}
+
+// { name: Float32Array } → host tensors (copied); InvalidArgumentError naming what is wrong.
+HostTensors parse_tensors(Napi::Env env, const Napi::Value& value, const std::string& where) {
+  if (!value.IsObject() || value.IsArray() || value.IsTypedArray()) {
+    throw_invalid_argument(env, where + " must be an object of Float32Arrays by name");
+  }
+  Napi::Object tensors = value.As<Napi::Object>();
+  Napi::Array names = tensors.GetPropertyNames();
+  HostTensors out;
+  for (uint32_t i = 0; i < names.Length(); i++) {
+    const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
+    Napi::Value tensor = tensors.Get(name);
+    if (!tensor.IsTypedArray() ||
+        tensor.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+      throw_invalid_argument(env, where + "." + name + " must be a Float32Array");
+    }
+    Napi::Float32Array a = tensor.As<Napi::Float32Array>();
+    out[name].assign(a.Data(), a.Data() + a.ElementLength());
+  }
+  return out;
 }
 
 }  // namespace
@@ -269,6 +362,9 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
   if (!info[3].IsUndefined() && !info[3].IsFunction()) {
     throw_invalid_argument(env, "startRun: onStep must be a function");
   }
+  if (!info[4].IsUndefined() && !info[4].IsFunction()) {
+    throw_invalid_argument(env, "startRun: onHandoff must be a function");
+  }
   auto* model_wrap = ModelWrap::Unwrap(info[1].As<Napi::Object>());
 
   auto state = std::make_shared<RunState>();
@@ -276,6 +372,19 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
   if (!state->device) throw_invalid_argument(env, "startRun: the device has been disposed");
   state->model = model_wrap->model(env);
   state->request = parse_request(env, info[2]);
+  if (state->request.stage) {
+    const int64_t n = static_cast<int64_t>(state->model->base_segments().size());
+    const PipelineStage& st = *state->request.stage;
+    // A stage of a split hands activations on (or, the last, back to the first): it needs
+    // somewhere to send them. The range itself is checked by the run.
+    if (!(st.first_base == 0 && st.last_base == n - 1) && !info[4].IsFunction()) {
+      throw_invalid_argument(env, "startRun: a pipeline stage (base segments " +
+                                      std::to_string(st.first_base) + ".." +
+                                      std::to_string(st.last_base) + " of 0.." +
+                                      std::to_string(n - 1) + ") needs onHandoff");
+    }
+    state->request.stage->link = &state->link;
+  }
   state->deferred.emplace(Napi::Promise::Deferred::New(env));
 
   Napi::Object handle = Napi::Object::New(env);
@@ -311,6 +420,31 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
                              },
                              "swapPlan"));
 
+  // deliver(step, tensors): the previous stage's handoff labelled `step`, copied into the run's
+  // inbox, where the run takes it before that step. Ignored once the run has finished.
+  handle.Set("deliver",
+             Napi::Function::New(
+                 env,
+                 [weak](const Napi::CallbackInfo& cb) {
+                   Napi::Env e = cb.Env();
+                   const std::string where = "deliver(step, tensors)";
+                   if (!cb[0].IsNumber()) {
+                     throw_invalid_argument(e, where + ": step must be a number");
+                   }
+                   const double step = cb[0].As<Napi::Number>().DoubleValue();
+                   if (!(step >= 1 && step <= 9007199254740991.0) || std::floor(step) != step) {
+                     throw_invalid_argument(e, where + ": step must be an integer ≥ 1");
+                   }
+                   HostTensors tensors = parse_tensors(e, cb[1], where + ": tensors");
+                   if (auto s = weak.lock()) {
+                     if (!s->finished.load()) {
+                       s->link.inbox.put(static_cast<int64_t>(step), std::move(tensors));
+                     }
+                   }
+                   return e.Undefined();
+                 },
+                 "deliver"));
+
   // Several runs may share a device (the memory arbiter admits each against the budget left);
   // only an exclusive holder (a copy-rate measurement) refuses one.
   try {
@@ -322,11 +456,13 @@ Napi::Value start_run(const Napi::CallbackInfo& info) {
 
   state->device_object = Napi::Persistent(info[0].As<Napi::Object>());
   state->model_object = Napi::Persistent(info[1].As<Napi::Object>());
-  Napi::Function on_step = info[3].IsFunction() ? info[3].As<Napi::Function>() : Napi::Function();
+  if (info[3].IsFunction()) state->on_step = Napi::Persistent(info[3].As<Napi::Function>());
+  if (info[4].IsFunction()) state->on_handoff = Napi::Persistent(info[4].As<Napi::Function>());
   auto* holder = new std::shared_ptr<RunState>(state);
   try {
-    state->channel =
-        StepChannel::New(env, on_step, "ferry.run", 0, 1, state.get(), finalize_run, holder);
+    // The callbacks are called through their references (deliver_message), not the channel's.
+    state->channel = StepChannel::New(env, Napi::Function(), "ferry.run", 0, 1, state.get(),
+                                      finalize_run, holder);
   } catch (...) {
     delete holder;
     state->lease.reset();

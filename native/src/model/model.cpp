@@ -207,6 +207,7 @@ void Model::prefetch(const std::vector<size_t>& order, bool cyclic) {
   cache_->prefetch(order, cyclic);
 }
 void Model::load_all() { cache_->load_all(); }
+void Model::load(size_t first, size_t last) { cache_->load(first, last); }
 void Model::cancel_prefetch() { cache_->cancel_prefetch(); }
 bool Model::params_cached(size_t index) const { return cache_->cached(index); }
 uint64_t Model::host_cache_bytes() const { return cache_->host_bytes(); }

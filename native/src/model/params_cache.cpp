@@ -740,11 +740,24 @@ std::vector<ParamsCache::AheadRead> ParamsCache::take_ahead_reads() {
 }
 
 void ParamsCache::load_all() {
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    n = entries_.size();
+  }
+  if (n > 0) load(0, n - 1);
+}
+
+void ParamsCache::load(size_t first, size_t last) {
   std::unique_lock<std::mutex> lock(mu_);
   const size_t n = entries_.size();
+  if (first > last || last >= n) {
+    throw InvalidArgumentError("params cache: cannot load segments " + std::to_string(first) +
+                               ".." + std::to_string(last) + " of " + std::to_string(n));
+  }
   std::vector<std::shared_ptr<Job>> jobs(n);
   std::vector<bool> own(n, false);
-  for (size_t i = 0; i < n; i++) {
+  for (size_t i = first; i <= last; i++) {
     Entry& e = *entries_[i];
     if (e.state == Entry::State::kEmpty) {
       jobs[i] = enqueue_locked(i, /*priority=*/false, /*prefetched=*/false);
@@ -753,7 +766,7 @@ void ParamsCache::load_all() {
       jobs[i] = e.job;
     }
   }
-  std::exception_ptr first;
+  std::exception_ptr failure;
   for (size_t i = 0; i < n; i++) {
     if (!jobs[i]) continue;
     wait_job(lock, jobs[i]);
@@ -763,9 +776,9 @@ void ParamsCache::load_all() {
       own[i] = true;
       wait_job(lock, jobs[i]);
     }
-    if (jobs[i]->error && !first) first = jobs[i]->error;
+    if (jobs[i]->error && !failure) failure = jobs[i]->error;
   }
-  if (first) std::rethrow_exception(first);
+  if (failure) std::rethrow_exception(failure);
 }
 
 bool ParamsCache::cached(size_t index) const {

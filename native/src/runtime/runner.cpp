@@ -1,6 +1,7 @@
 #include "ferry/runner.h"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -231,23 +232,22 @@ class RunBase {
     }
   }
 
-  // Starts eager or background loading, as the request asks.
+  // Starts eager or background loading, as the request asks: of the stage's base segments only.
   void start_loading() {
-    const size_t n = model_.base_segments().size();
     // Reads ahead that ended after an earlier job's last step are not this job's.
     model_.params_cache().take_ahead_reads();
     switch (request_.load) {
       case LoadMode::kLazy:
         break;
       case LoadMode::kEager:
-        model_.load_all();
+        model_.load(first_base_, last_base_);
         break;
       case LoadMode::kBackground: {
         // The disk backend keeps host memory to the segments in flight; a reader running ahead
         // would hold the whole model, so with it segments are read when needed.
         if (request_.params_backend == ParamsBackend::kDisk) break;
-        std::vector<size_t> order(n);
-        for (size_t b = 0; b < n; b++) order[b] = b;
+        std::vector<size_t> order;
+        for (size_t b = first_base_; b <= last_base_; b++) order.push_back(b);
         model_.prefetch(order);
         break;
       }
@@ -301,6 +301,69 @@ class RunBase {
       throw CancelledError("run cancelled at step " + std::to_string(step) + ", before " +
                            describe(seg));
     }
+  }
+
+  // ---- pipeline stages ----
+  bool first_stage() const { return first_base_ == 0; }
+  bool last_stage() const { return last_base_ + 1 == model_.base_segments().size(); }
+  // A stage that hands activations over (not the whole model).
+  bool staged() const { return request_.stage && !(first_stage() && last_stage()); }
+
+  // Before step `step`'s first segment: the handoff labelled `step` into the activations, unless
+  // this stage starts the job.
+  void receive_handoff(int64_t step) {
+    if (!staged() || (first_stage() && step == 1)) return;
+    HostTensors handoff;
+    if (!request_.stage->link->receive(step, cancel_, &handoff)) {
+      throw CancelledError("run cancelled at step " + std::to_string(step) +
+                           ", waiting for the previous pipeline stage's activations");
+    }
+    const auto& specs = graphs_->activation_specs();
+    for (const auto& entry : handoff) {
+      // (Not a structured binding: C++17 lambdas cannot capture one.)
+      const std::string& name = entry.first;
+      const std::vector<float>& values = entry.second;
+      const auto spec = std::find_if(specs.begin(), specs.end(),
+                                     [&](const ActivationSpec& a) { return a.name == name; });
+      if (spec == specs.end() || !handed_over(*spec)) {
+        throw InvalidArgumentError("run: step " + std::to_string(step) + "'s handoff holds \"" +
+                                   name + "\", which is not an activation stages hand over");
+      }
+      if (values.size() != static_cast<size_t>(spec->elements())) {
+        throw InvalidArgumentError("run: step " + std::to_string(step) + "'s handoff holds " +
+                                   std::to_string(values.size()) + " values of \"" + name +
+                                   "\", expected " + std::to_string(spec->elements()));
+      }
+    }
+    for (const ActivationSpec& a : specs) {
+      if (!handed_over(a)) continue;
+      const auto it = handoff.find(a.name);
+      if (it == handoff.end()) {
+        throw InvalidArgumentError("run: step " + std::to_string(step) + "'s handoff lacks \"" +
+                                   a.name + "\"");
+      }
+      device_.tensor_set(graphs_->activation(a.name), it->second.data(), 0,
+                         it->second.size() * sizeof(float));
+    }
+  }
+
+  // After this stage's work for the step (its computes, and the update on the last stage) has
+  // finished: the activations the next stage needs, labelled `label`.
+  void send_handoff(int64_t label) {
+    HostTensors handoff;
+    for (const ActivationSpec& a : graphs_->activation_specs()) {
+      if (!handed_over(a)) continue;
+      std::vector<float>& values = handoff[a.name];
+      values.resize(static_cast<size_t>(a.elements()));
+      device_.tensor_get(graphs_->activation(a.name), values.data(), 0,
+                         values.size() * sizeof(float));
+    }
+    request_.stage->link->send(label, std::move(handoff));
+  }
+
+  static bool handed_over(const ActivationSpec& a) {
+    using Role = ActivationSpec::Role;
+    return a.role == Role::kLatent || a.role == Role::kOutput || a.role == Role::kState;
   }
 
   // Members `want[i]` (all when empty) of a merged segment in host memory.
@@ -441,21 +504,27 @@ class RunBase {
   std::vector<std::vector<uint64_t>> checksums_;  // verify: per base segment, per tensor
   std::mutex holds_mu_;     // the copy thread prepares while the compute thread releases
   std::vector<int> holds_;  // per base segment: prepares not yet released
+  // The base segments this run computes: all of them, or its stage's.
+  size_t first_base_ = 0;
+  size_t last_base_ = 0;
 
   // The plan's merged segments, checked against the model.
   std::vector<MergedSegment> merge_plan(const std::vector<PlanSegment>& segments) const {
     const auto& base = model_.base_segments();
     std::vector<MergedSegment> plan;
     if (segments.empty()) throw InvalidArgumentError("run: the plan has no segments");
-    int64_t expected_first = 0;
+    const int64_t lo = static_cast<int64_t>(first_base_), hi = static_cast<int64_t>(last_base_);
+    const std::string of_what = request_.stage ? " (the stage's base segments, of 0.." +
+                                                     std::to_string(base.size() - 1) + ")"
+                                               : "";
+    int64_t expected_first = lo;
     for (size_t i = 0; i < segments.size(); i++) {
       const PlanSegment& s = segments[i];
-      if (s.first_base != expected_first || s.last_base < s.first_base ||
-          s.last_base >= static_cast<int64_t>(base.size())) {
+      if (s.first_base != expected_first || s.last_base < s.first_base || s.last_base > hi) {
         throw InvalidArgumentError("run: plan segment " + std::to_string(i) +
                                    " covers base segments " + std::to_string(s.first_base) + ".." +
-                                   std::to_string(s.last_base) + "; segments must cover 0.." +
-                                   std::to_string(base.size() - 1) +
+                                   std::to_string(s.last_base) + "; segments must cover " +
+                                   std::to_string(lo) + ".." + std::to_string(hi) + of_what +
                                    " in order, each exactly once");
       }
       MergedSegment m;
@@ -472,21 +541,46 @@ class RunBase {
       plan.push_back(std::move(m));
       expected_first = s.last_base + 1;
     }
-    if (expected_first != static_cast<int64_t>(base.size())) {
-      throw InvalidArgumentError("run: the plan covers base segments 0.." +
-                                 std::to_string(expected_first - 1) + " of 0.." +
-                                 std::to_string(base.size() - 1));
+    if (expected_first != hi + 1) {
+      throw InvalidArgumentError("run: the plan covers base segments " + std::to_string(lo) + ".." +
+                                 std::to_string(expected_first - 1) + " of " + std::to_string(lo) +
+                                 ".." + std::to_string(hi) + of_what);
     }
     return plan;
   }
 
  private:
+  // The stage's range against the model, and its link.
+  void validate_stage() {
+    const int64_t n = static_cast<int64_t>(model_.base_segments().size());
+    last_base_ = static_cast<size_t>(n - 1);
+    if (!request_.stage) return;
+    const PipelineStage& st = *request_.stage;
+    if (st.first_base < 0 || st.first_base > st.last_base || st.last_base >= n) {
+      throw InvalidArgumentError("run: the stage's base segments " + std::to_string(st.first_base) +
+                                 ".." + std::to_string(st.last_base) +
+                                 " are not a range of the model's 0.." + std::to_string(n - 1));
+    }
+    first_base_ = static_cast<size_t>(st.first_base);
+    last_base_ = static_cast<size_t>(st.last_base);
+    if (!st.link && !(st.first_base == 0 && st.last_base == n - 1)) {
+      throw InvalidArgumentError("run: the stage " + std::to_string(st.first_base) + ".." +
+                                 std::to_string(st.last_base) + " of 0.." + std::to_string(n - 1) +
+                                 " has no link to the other stages");
+    }
+  }
+
   void validate() {
     const auto& r = request_;
     if (r.steps < 1) {
       throw InvalidArgumentError("run: steps must be ≥ 1 (got " + std::to_string(r.steps) + ")");
     }
     model_.arch().check_job(r.job);
+    if (r.stage && r.execution != Execution::kPooled) {
+      throw InvalidArgumentError(
+          std::string("run: a pipeline stage runs with pooled execution, not ") +
+          execution_name(r.execution));
+    }
     if (r.execution == Execution::kPooled ? (r.slots < 1 || r.slots > kMaxSlots) : r.slots != 0) {
       throw InvalidArgumentError(
           std::string("run: ") + execution_name(r.execution) + " execution takes " +
@@ -506,6 +600,7 @@ class RunBase {
         }
       }
     }
+    validate_stage();
     plan_ = merge_plan(r.segments);
     const auto& base = model_.base_segments();
     checksums_.resize(base.size());
@@ -677,6 +772,8 @@ class PooledRun : public RunBase {
     copier_ = std::thread([this] { copy_loop(); });
 
     for (int64_t step = 1; step <= request_.steps; step++) {
+      // A stage's wait for the previous stage is not part of its step (nor a stall of it).
+      receive_handoff(step);
       PendingStep pending;
       pending.report.step = step;
       device_.reset_window_peak();
@@ -684,8 +781,17 @@ class PooledRun : public RunBase {
       if (step == first_step_) pending.report.resident_hit_bytes = resident_hit_bytes_;
       before_step(step);
       for (const MergedSegment& seg : plan_) run_segment(step, seg, pending);
-      step_update(step);
-      pending.finish();
+      if (!staged()) {
+        step_update(step);
+        pending.finish();
+      } else if (!last_stage()) {
+        pending.finish();  // the computes have ended
+        send_handoff(step);
+      } else {
+        step_update(step)->wait();
+        pending.finish();
+        if (step < request_.steps) send_handoff(step + 1);
+      }
       close_step(pending);
       if (on_step) on_step(std::move(pending.report));
       std::vector<PlanSegment> segments;
@@ -990,6 +1096,29 @@ class PooledRun : public RunBase {
 };
 
 }  // namespace
+
+void HandoffInbox::put(int64_t step, HostTensors&& tensors) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    handoffs_[step] = std::move(tensors);
+  }
+  cv_.notify_all();
+}
+
+bool HandoffInbox::wait(int64_t step, const std::atomic<bool>* cancel, HostTensors* out) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    const auto it = handoffs_.find(step);
+    if (it != handoffs_.end()) {
+      *out = std::move(it->second);
+      handoffs_.erase(it);
+      return true;
+    }
+    if (cancel && cancel->load(std::memory_order_relaxed)) return false;
+    // A cancel flag is a bare atomic (nobody notifies): look at it every 20 ms.
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+}
 
 void PlanMailbox::post(std::vector<PlanSegment> segments, uint32_t slots) {
   std::lock_guard<std::mutex> lock(mu_);
