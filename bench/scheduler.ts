@@ -464,7 +464,7 @@ async function measureBatchSplit(
 }
 
 /** The pipeline figure's job: a budget the model streams through on one executor. */
-const PIPELINE_JOB = { batch: 2, tokens: 16, steps: 12, budgetMiB: 6 };
+const PIPELINE_JOB = { batch: 2, tokens: 16, steps: 30, budgetMiB: 6 };
 
 /**
  * The pipeline figure: the job on one executor and as a pipeline over the idle ones (each

@@ -192,8 +192,12 @@ describe("pipeline handoffs between executors", () => {
     });
     const address = await server.listen("127.0.0.1:0");
     const errors: string[] = [];
-    const sender = new HandoffSender(address, "job.s1", credentials.createInsecure(), undefined, (m) =>
-      errors.push(m),
+    const sender = new HandoffSender(
+      address,
+      "job.s1",
+      credentials.createInsecure(),
+      undefined,
+      (m) => errors.push(m),
     );
     try {
       // 2.5 chunks of floats: the tensor crosses three messages.
@@ -207,9 +211,9 @@ describe("pipeline handoffs between executors", () => {
         ["job.s1", 1],
         ["job.s1", 2],
       ]);
-      expect(Buffer.from(got[0].tensors.z.buffer).equals(Buffer.from(tensors(big, 1).z.buffer))).toBe(
-        true,
-      );
+      expect(
+        Buffer.from(got[0].tensors.z.buffer).equals(Buffer.from(tensors(big, 1).z.buffer)),
+      ).toBe(true);
       expect([...got[1].tensors.h]).toEqual([-2, -3, -4]);
       expect(got[1].tensors.empty.length).toBe(0);
       expect(errors).toEqual([]);
@@ -246,7 +250,8 @@ describe("pipeline handoffs between executors", () => {
 
   it("speaks TLS between executors, checking the name every executor's certificate carries", async () => {
     const tls = await mkdtemp(join(tmpdir(), "ferry-peer-tls-"));
-    const openssl = (...args: string[]) => execFileSync("openssl", args, { cwd: tls, stdio: "pipe" });
+    const openssl = (...args: string[]) =>
+      execFileSync("openssl", args, { cwd: tls, stdio: "pipe" });
     try {
       openssl(
         "req",
@@ -447,7 +452,7 @@ describe("pipeline split across executors", () => {
     expect(auto.multiGpu!.singlePredictedS).toBeGreaterThan(0);
 
     // Where the model fits one executor, a pipeline is not worth it.
-    const roomy = await client.getPlan(spec({ maxVramGib: 1 }));
+    const roomy = await client.getPlan(spec({ maxVramGib: 1, batch: 1 }));
     expect(roomy.multiGpu?.mode).toBe("single");
     expect(roomy.multiGpu!.explanation.join("\n")).toMatch(
       /pipeline: the model fits one executor without streaming/,

@@ -19,6 +19,7 @@ import {
   ExecutorPeerServiceService,
   HandoffRequest,
   type HandoffResponse,
+  type TensorPiece,
 } from "../../gen/ferry/v1/peer";
 import {
   bearerInterceptor,
@@ -28,7 +29,7 @@ import {
 } from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
 
-/** Bytes of tensor data one HandoffRequest carries at most. */
+/** Bytes of tensor data one HandoffRequest carries at most (its pieces together). */
 export const HANDOFF_CHUNK_BYTES = 1024 * 1024;
 /** The largest tensor a handoff may carry (a FLUX.1 1024² batch of 4's joint stream is ~150 MiB). */
 export const MAX_HANDOFF_TENSOR_BYTES = 1024 * 1024 * 1024;
@@ -103,49 +104,56 @@ function refuse(code: status, details: string): Error & { code: status; details:
   return Object.assign(new Error(details), { code, details });
 }
 
-/** Adds one chunk; a complete handoff (the step's last chunk) comes back. */
-function addChunk(
+/** Adds one message's pieces; a complete handoff (the step's last message) comes back. */
+function addMessage(
   assembling: Assembling | undefined,
-  chunk: HandoffRequest,
+  message: HandoffRequest,
 ): { assembling: Assembling | undefined; complete?: Assembling } {
-  const where = `handoff for job ${JSON.stringify(chunk.jobId)} step ${chunk.step}`;
-  if (!chunk.jobId) throw refuse(status.INVALID_ARGUMENT, "handoff without a job_id");
-  if (chunk.step < 1) throw refuse(status.INVALID_ARGUMENT, `${where}: step must be ≥ 1`);
-  const current: Assembling = assembling ?? { step: chunk.step, tensors: {}, filled: new Map() };
-  if (current.step !== chunk.step) {
+  const where = `handoff for job ${JSON.stringify(message.jobId)} step ${message.step}`;
+  if (!message.jobId) throw refuse(status.INVALID_ARGUMENT, "handoff without a job_id");
+  if (message.step < 1) throw refuse(status.INVALID_ARGUMENT, `${where}: step must be ≥ 1`);
+  const current: Assembling = assembling ?? { step: message.step, tensors: {}, filled: new Map() };
+  if (current.step !== message.step) {
     throw refuse(
       status.INVALID_ARGUMENT,
-      `${where}: step ${current.step}'s handoff was not finished (no chunk with last = true)`,
+      `${where}: step ${current.step}'s handoff was not finished (no message with last = true)`,
     );
   }
-  if (chunk.tensor) {
-    const name = chunk.tensor;
+  for (const piece of message.pieces) {
+    const name = piece.tensor;
     let tensor = current.tensors[name];
     if (!tensor) {
       if (
-        chunk.tensorBytes % 4 !== 0 ||
-        chunk.tensorBytes > MAX_HANDOFF_TENSOR_BYTES ||
+        !name ||
+        piece.tensorBytes % 4 !== 0 ||
+        piece.tensorBytes > MAX_HANDOFF_TENSOR_BYTES ||
         Object.keys(current.tensors).length >= MAX_HANDOFF_TENSORS
       ) {
         throw refuse(
           status.INVALID_ARGUMENT,
-          `${where}: tensor ${JSON.stringify(name)} of ${chunk.tensorBytes} bytes (float32, at most ${MAX_HANDOFF_TENSOR_BYTES} bytes, ${MAX_HANDOFF_TENSORS} tensors)`,
+          `${where}: tensor ${JSON.stringify(name)} of ${piece.tensorBytes} bytes (a named float32 tensor of at most ${MAX_HANDOFF_TENSOR_BYTES} bytes, ${MAX_HANDOFF_TENSORS} tensors)`,
         );
       }
-      tensor = new Float32Array(chunk.tensorBytes / 4);
+      tensor = new Float32Array(piece.tensorBytes / 4);
       current.tensors[name] = tensor;
       current.filled.set(name, 0);
     }
-    if (chunk.tensorBytes !== tensor.byteLength || chunk.offset + chunk.data.length > tensor.byteLength) {
+    if (
+      piece.tensorBytes !== tensor.byteLength ||
+      piece.offset + piece.data.length > tensor.byteLength
+    ) {
       throw refuse(
         status.INVALID_ARGUMENT,
-        `${where}: chunk of ${chunk.data.length} bytes at ${chunk.offset} does not fit tensor ${JSON.stringify(name)} of ${tensor.byteLength} bytes`,
+        `${where}: ${piece.data.length} bytes at ${piece.offset} do not fit tensor ${JSON.stringify(name)} of ${tensor.byteLength} bytes`,
       );
     }
-    new Uint8Array(tensor.buffer, tensor.byteOffset, tensor.byteLength).set(chunk.data, chunk.offset);
-    current.filled.set(name, current.filled.get(name)! + chunk.data.length);
+    new Uint8Array(tensor.buffer, tensor.byteOffset, tensor.byteLength).set(
+      piece.data,
+      piece.offset,
+    );
+    current.filled.set(name, current.filled.get(name)! + piece.data.length);
   }
-  if (!chunk.last) return { assembling: current };
+  if (!message.last) return { assembling: current };
   for (const [name, tensor] of Object.entries(current.tensors)) {
     if (current.filled.get(name) !== tensor.byteLength) {
       throw refuse(
@@ -216,7 +224,7 @@ export class PeerServer {
       if (failed) return;
       jobId ||= chunk.jobId;
       try {
-        const added = addChunk(assembling, chunk);
+        const added = addMessage(assembling, chunk);
         assembling = added.assembling;
         if (added.complete) {
           handoffs++;
@@ -274,28 +282,37 @@ export class HandoffSender {
     this.stream.on("drain", () => this.flush());
   }
 
-  /** Queues the handoff that feeds `step` of the next stage. */
+  /**
+   * Queues the handoff that feeds `step` of the next stage: its tensors' bytes packed into
+   * messages of at most HANDOFF_CHUNK_BYTES (a small handoff is one message).
+   */
   send(step: number, tensors: HandoffTensors): void {
     if (this.closed) return;
-    const entries = Object.entries(tensors);
-    for (const [name, tensor] of entries) {
+    let pieces: TensorPiece[] = [];
+    let size = 0;
+    const flush = (last: boolean) => {
+      this.write(HandoffRequest.fromPartial({ jobId: this.jobId, step, pieces, last }));
+      pieces = [];
+      size = 0;
+    };
+    for (const [name, tensor] of Object.entries(tensors)) {
       const bytes = Buffer.from(tensor.buffer, tensor.byteOffset, tensor.byteLength);
-      for (let offset = 0; offset < bytes.length || offset === 0; offset += HANDOFF_CHUNK_BYTES) {
-        this.write(
-          HandoffRequest.fromPartial({
-            jobId: this.jobId,
-            step,
-            tensor: name,
-            tensorBytes: bytes.length,
-            offset,
-            data: bytes.subarray(offset, offset + HANDOFF_CHUNK_BYTES),
-          }),
-        );
-        if (bytes.length === 0) break;
-      }
+      let offset = 0;
+      do {
+        if (size === HANDOFF_CHUNK_BYTES) flush(false);
+        const take = Math.min(bytes.length - offset, HANDOFF_CHUNK_BYTES - size);
+        pieces.push({
+          tensor: name,
+          tensorBytes: bytes.length,
+          offset,
+          data: bytes.subarray(offset, offset + take),
+        });
+        size += take;
+        offset += take;
+      } while (offset < bytes.length);
       this.sentBytes += bytes.length;
     }
-    this.write(HandoffRequest.fromPartial({ jobId: this.jobId, step, last: true }));
+    flush(true);
   }
 
   /** Ends the stream once what is queued has gone. */

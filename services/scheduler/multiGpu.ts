@@ -333,17 +333,15 @@ export function chooseMultiGpu<P>(args: {
     ...(pipeline ? [{ kind: "pipeline" as const, split: pipeline }] : []),
   ].sort((a, b) => a.split.finishS - b.split.finishS);
   const fastest = splits[0];
-  if (!fastest) {
-    return singleOnly(
-      batchSplit === undefined && pipeline === undefined
-        ? "no split fits the idle executors"
-        : "no split is faster",
-    );
-  }
+  if (!fastest) return singleOnly("no split is possible for it now (see above)");
   if (!single) return choose(fastest.kind, fastest.split, "no single executor can take the job");
   const gain = single.finishS / fastest.split.finishS;
   if (gain >= SPLIT_GAIN) {
-    return choose(fastest.kind, fastest.split, `predicted ${gain.toFixed(2)}× faster than one executor`);
+    return choose(
+      fastest.kind,
+      fastest.split,
+      `predicted ${gain.toFixed(2)}× faster than one executor`,
+    );
   }
   return singleOnly(
     `the fastest split (${fastest.kind === "batch" ? "batch" : "pipeline"}) is predicted only ${gain.toFixed(2)}× faster (a split needs ${SPLIT_GAIN}×)${

@@ -871,15 +871,16 @@ export class Scheduler {
       .sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
     const coldLoadS = (entry: ExecutorEntry) =>
       entry.isWarm(job.spec.modelPath) ? 0 : (job.model?.bytes ?? 0) / (ASSUMED_DISK_GBPS * 1e9);
-    const idle: SplitCandidate<PlanMessage>[] = (job.shareProfiles.size > 0 ? idleEntries : [])
-      .map((entry) => ({
+    const idle: SplitCandidate<PlanMessage>[] = (job.shareProfiles.size > 0 ? idleEntries : []).map(
+      (entry) => ({
         id: entry.id,
         price: (samples: number) => {
           const estimate = this.shareEstimate(job, entry, samples);
           if (!estimate) return undefined;
           return { plan: estimate.plan, runS: estimate.runS, coldLoadS: coldLoadS(entry) };
         },
-      }));
+      }),
+    );
     const mode = multiGpuMode(job.spec);
     const profile = job.profile!;
     // A pipeline saves transfers only: where the model fits the chosen executor, nothing streams
@@ -891,7 +892,11 @@ export class Scheduler {
     // What one handoff carries: the activations between segments (the state a segment writes and
     // the next reads) and the latent, both ways of the ring alike.
     const handoffBytes =
-      2 * Math.max(0, ...profile.segments.map((segment) => segment.output_bytes + segment.prev_cut_bytes));
+      2 *
+      Math.max(
+        0,
+        ...profile.segments.map((segment) => segment.output_bytes + segment.prev_cut_bytes),
+      );
     return chooseMultiGpu({
       mode,
       batch: job.spec.batch,
@@ -2037,6 +2042,10 @@ function estimateOn(
       segment.lastBase += first;
     }
     message.baseSegmentNames = profile.segments.map((segment) => segment.name);
+    // A stage runs pooled whatever the policy: activations are handed over at step boundaries
+    // of the pooled runner, resident weights stay for every step, copies (if any) run ahead.
+    // With nothing streamed, its one slot is never allocated.
+    if (message.slots === 0) message.slots = 1;
   }
   const stepS = plan.predicted_step_s ?? 0;
   return {
