@@ -262,7 +262,10 @@ describe("batch split across executors", () => {
 
     const one = await client.getPlan(spec({ batch: 1 }));
     expect(one.multiGpu?.mode).toBe("single");
-    expect(one.multiGpu!.explanation.at(-1)).toMatch(/a batch of 1 cannot be split/);
+    expect(one.multiGpu!.explanation.join("\n")).toMatch(
+      /batch split: a batch of 1 cannot be split/,
+    );
+    expect(one.multiGpu!.explanation.at(-1)).toMatch(/^chose one executor: /);
 
     await expect(client.getPlan(spec({ multiGpu: "diagonal" }))).rejects.toMatchObject({
       code: "INVALID_ARGUMENT",

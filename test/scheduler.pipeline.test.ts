@@ -1,10 +1,10 @@
-import { execFileSync } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { channelCredentials } from "../lib/wire/credentials";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { makeTestCa, signTestCertificate } from "./helpers/testCertificates";
 import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel } from "../lib/model/genModel";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
@@ -250,57 +250,12 @@ describe("pipeline handoffs between executors", () => {
 
   it("speaks TLS between executors, checking the name every executor's certificate carries", async () => {
     const tls = await mkdtemp(join(tmpdir(), "ferry-peer-tls-"));
-    const openssl = (...args: string[]) =>
-      execFileSync("openssl", args, { cwd: tls, stdio: "pipe" });
     try {
-      openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ferry-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-      );
-      await writeFile(
-        join(tls, "peer.ext"),
-        "subjectAltName=DNS:ferry-executor\nextendedKeyUsage=serverAuth,clientAuth\n",
-      );
-      openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=executor",
-        "-keyout",
-        "peer.key",
-        "-out",
-        "peer.csr",
-      );
-      openssl(
-        "x509",
-        "-req",
-        "-in",
-        "peer.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "peer.crt",
-        "-extfile",
-        "peer.ext",
-      );
+      makeTestCa(tls);
+      signTestCertificate(tls, "peer", "executor", [
+        "subjectAltName=DNS:ferry-executor",
+        "extendedKeyUsage=serverAuth,clientAuth",
+      ]);
       const files = {
         caFile: join(tls, "ca.crt"),
         certFile: join(tls, "peer.crt"),

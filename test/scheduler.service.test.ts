@@ -1,5 +1,4 @@
-import { execFileSync } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import {
@@ -13,6 +12,7 @@ import {
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { makeTestCa, signTestCertificate } from "./helpers/testCertificates";
 import {
   ConnectRequest,
   JobState,
@@ -254,57 +254,11 @@ describe("service hygiene", () => {
 
     beforeAll(async () => {
       tls = await mkdtemp(join(tmpdir(), "ferry-tls-"));
-      const openssl = (...args: string[]) =>
-        execFileSync("openssl", args, { cwd: tls, stdio: "pipe" });
-      openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ferry-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-      );
-      await writeFile(join(tls, "server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-      for (const [name, cn, ext] of [
-        ["server", "localhost", ["-extfile", "server.ext"]],
-        ["executor", "executor-1", []],
-      ] as const) {
-        openssl(
-          "req",
-          "-newkey",
-          "rsa:2048",
-          "-nodes",
-          "-subj",
-          `/CN=${cn}`,
-          "-keyout",
-          `${name}.key`,
-          "-out",
-          `${name}.csr`,
-        );
-        openssl(
-          "x509",
-          "-req",
-          "-in",
-          `${name}.csr`,
-          "-CA",
-          "ca.crt",
-          "-CAkey",
-          "ca.key",
-          "-CAcreateserial",
-          "-days",
-          "2",
-          "-out",
-          `${name}.crt`,
-          ...ext,
-        );
-      }
+      makeTestCa(tls);
+      signTestCertificate(tls, "server", "localhost", [
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+      ]);
+      signTestCertificate(tls, "executor", "executor-1");
       server = await startSchedulerServer({
         listen: "127.0.0.1:0",
         modelDirs: [dir],

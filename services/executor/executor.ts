@@ -554,11 +554,6 @@ export class Executor {
     this.send({ $case: "jobUpdate", value: { update: { $case: "result", value: result } } });
   }
 
-  /** The peer address other executors hand pipeline activations to ("" when none). */
-  get peerAddressForTests(): string {
-    return this.peerAddress;
-  }
-
   /** A pipeline handoff from the previous stage's executor, for a stage job of this one. */
   private takeHandoff(jobId: string, step: number, tensors: HandoffTensors): void {
     const run = this.runs.get(jobId)?.run;

@@ -987,64 +987,17 @@ export class Scheduler {
   }
 
   /**
-   * Runs a job as a batch split: one share per chosen executor, each a job of its samples that
-   * runs like any other (re-queued if its executor is lost) and finishes into this one.
+   * Runs a job split across executors, as hidden jobs that each run like any other and finish
+   * into this one: a batch split's shares (each its samples of the batch; re-queued alone if its
+   * executor is lost), or a pipeline's stages (each the whole batch through its base segments,
+   * handing its activations to the next stage's executor directly; they start together and a
+   * stage waits for its activations natively).
    */
   private startSplit(job: Job, decision: MultiGpuDecision<PlanMessage>): void {
-    const entries = decision.shares.map((share) => this.executors.get(share.executorId));
-    if (entries.some((entry) => !entry?.idle)) return;
-    if (decision.mode === "pipeline") {
-      this.startPipeline(job, decision, entries as ExecutorEntry[]);
-      return;
-    }
-    this.queue.remove(job);
-    job.state = JobState.JOB_STATE_RUNNING;
-    job.executorId = decision.shares[0].executorId;
-    job.plan = decision.shares[0].plan;
-    job.attempts++;
-    job.dispatchedMs = Date.now();
-    job.startedMs = 0;
-    job.resetProgress();
-    job.multiGpu = multiGpuMessage(decision);
-    job.shares = decision.shares.map((share, index) => {
-      const child = new Job({
-        ...job,
-        id: `${job.id}.${index}`,
-        idempotencyKey: "",
-        spec: { ...job.spec, batch: share.samples, executorId: "", multiGpu: "single" },
-        state: JobState.JOB_STATE_QUEUED,
-        executorId: "",
-        plan: undefined,
-        attempts: 0,
-        startedMs: 0,
-        finishedMs: 0,
-      });
-      child.parent = job;
-      child.firstSample = share.firstSample;
-      child.model = job.model;
-      child.profile = job.shareProfiles.get(share.samples);
-      this.jobs.set(child.id, child);
-      return child;
-    });
-    this.save(job);
-    job.span?.setAttribute("ferry.multi_gpu", "batch");
-    job.span?.setAttribute("ferry.shares", job.shares.length);
-    this.log(
-      `ferry scheduler: job ${job.id} split across ${job.shares.length} executors (${decision.shares.map((s) => `${s.samples} on ${s.executorId}`).join(", ")})`,
-    );
-    for (const [index, child] of job.shares.entries()) this.start(child, entries[index]!);
-  }
-
-  /**
-   * Runs a job as a pipeline: one stage per chosen executor, each a job of the whole batch that
-   * computes its base segments and hands its activations to the next stage's executor directly.
-   * The stages start together; a stage waits for its activations natively.
-   */
-  private startPipeline(
-    job: Job,
-    decision: MultiGpuDecision<PlanMessage>,
-    entries: ExecutorEntry[],
-  ): void {
+    const found = decision.shares.map((share) => this.executors.get(share.executorId));
+    if (found.some((entry) => !entry?.idle)) return;
+    const entries = found as ExecutorEntry[];
+    const pipeline = decision.mode === "pipeline";
     this.queue.remove(job);
     job.state = JobState.JOB_STATE_RUNNING;
     job.executorId = decision.shares[0].executorId;
@@ -1055,14 +1008,22 @@ export class Scheduler {
     job.resetProgress();
     job.multiGpu = multiGpuMessage(decision);
     const k = decision.shares.length;
-    // Ids name the attempt: a stage of an abandoned attempt may still be winding down.
-    const ids = decision.shares.map((_, index) => `${job.id}.a${job.attempts}.s${index}`);
+    // A pipeline runs again whole, and a stage of an abandoned attempt may still be winding
+    // down: its stages' ids name the attempt.
+    const ids = decision.shares.map((_, index) =>
+      pipeline ? `${job.id}.a${job.attempts}.s${index}` : `${job.id}.${index}`,
+    );
     job.shares = decision.shares.map((share, index) => {
       const child = new Job({
         ...job,
         id: ids[index],
         idempotencyKey: "",
-        spec: { ...job.spec, executorId: "", multiGpu: "single" },
+        spec: {
+          ...job.spec,
+          batch: pipeline ? job.spec.batch : share.samples,
+          executorId: "",
+          multiGpu: "single",
+        },
         state: JobState.JOB_STATE_QUEUED,
         executorId: "",
         plan: undefined,
@@ -1072,23 +1033,33 @@ export class Scheduler {
       });
       child.parent = job;
       child.model = job.model;
-      child.profile = job.profile;
-      child.stage = {
-        index,
-        stages: k,
-        firstBase: share.firstBase,
-        lastBase: share.lastBase,
-        nextPeerAddress: entries[(index + 1) % k].peerAddress,
-        nextJobId: ids[(index + 1) % k],
-      };
+      if (pipeline) {
+        child.profile = job.profile;
+        child.stage = {
+          index,
+          stages: k,
+          firstBase: share.firstBase,
+          lastBase: share.lastBase,
+          nextPeerAddress: entries[(index + 1) % k].peerAddress,
+          nextJobId: ids[(index + 1) % k],
+        };
+      } else {
+        child.firstSample = share.firstSample;
+        child.profile = job.shareProfiles.get(share.samples);
+      }
       this.jobs.set(child.id, child);
       return child;
     });
     this.save(job);
-    job.span?.setAttribute("ferry.multi_gpu", "pipeline");
-    job.span?.setAttribute("ferry.stages", k);
+    job.span?.setAttribute("ferry.multi_gpu", decision.mode);
+    job.span?.setAttribute("ferry.shares", k);
+    const parts = decision.shares.map((s) =>
+      pipeline
+        ? `${s.firstBase}–${s.lastBase} on ${s.executorId}`
+        : `${s.samples} on ${s.executorId}`,
+    );
     this.log(
-      `ferry scheduler: job ${job.id} runs as a pipeline over ${k} executors (${decision.shares.map((s) => `${s.firstBase}–${s.lastBase} on ${s.executorId}`).join(", ")})`,
+      `ferry scheduler: job ${job.id} ${pipeline ? "runs as a pipeline over" : "split across"} ${k} executors (${parts.join(", ")})`,
     );
     for (const [index, child] of job.shares.entries()) this.start(child, entries[index]);
   }
