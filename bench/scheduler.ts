@@ -73,6 +73,8 @@ export interface SchedulerBenchResult {
   executor_kills: number;
   scheduler_restarts: number;
   reruns: number;
+  /** Chaos jobs that ran as a pipeline (their last attempt). */
+  pipelined_jobs: number;
   failures: Record<string, number>;
   wall_s: number;
 }
@@ -217,7 +219,11 @@ export async function runSchedulerBench(
       contextTokens: 0,
       shift: false,
       inputs: [],
+      // Every fifth job asks for a pipeline (it runs as one when two executors are idle): its
+      // checksum must still be the spec's single run's, kills and restarts notwithstanding.
+      multiGpu: i % 5 === 4 ? "pipeline" : "",
     });
+    // Without multi_gpu: a pipeline's output must be the single run's, bit for bit.
     const keyOf = (spec: JobSpec) => `${spec.modelPath}|${spec.steps}|${spec.seed}|${spec.policy}`;
     const reference = new Map<string, string>();
     // Run alone on an idle cluster, these also measure dispatch with no queue in front.
@@ -335,12 +341,14 @@ export async function runSchedulerBench(
     let failed = 0;
     let mismatches = 0;
     let reruns = 0;
+    let pipelined = 0;
     const failures: Record<string, number> = {};
     const dispatchMs: number[] = [];
     for (const [i, id] of ids.entries()) {
       const outcome = outcomes.get(id);
       const info = await client.getJob(id).catch(() => undefined);
       if (info && info.attempts > 1) reruns += info.attempts - 1;
+      if (info?.multiGpu?.mode === "pipeline") pipelined++;
       if (!outcome) continue;
       if (outcome.state === JobState.JOB_STATE_SUCCEEDED) {
         if (outcome.checksum === reference.get(keyOf(specOf(i)))) completed++;
@@ -370,12 +378,14 @@ export async function runSchedulerBench(
         `batch split: ${SPLIT_MODEL.name} (12.6 MB f32) streams weights every step on each executor under its budget (4 MiB transfer-bound, 20 MiB compute-bound: the larger job's activations need room), over each executor's own 0.25 GB/s link. Every share streams the whole model, so where transfer dominates a split saves nothing (batch_split_speedup); it saves compute, which the ${executorCount} executors' single kernel threads share on this machine's cores (batch_split_speedup_compute_bound is bounded by the core count, not by ${executorCount}). What the cost model chooses on its own (multi_gpu = auto) is in batch_split[].auto_choice and auto_reason; it prices each executor's compute as its own, which CPU executors sharing a machine's cores are not. Details: bench/RESULTS-multigpu.md.`,
         `pipeline: ${SPLIT_MODEL.name} (12.6 MB f32) under ${PIPELINE_JOB.budgetMiB} MiB per executor streams most of its weights every step on one executor over its 0.25 GB/s link; cut in stages over the idle executors, every stage keeps its weights resident and only activations move, executor to executor (pipeline.stages_streamed_bytes_per_step). Stages compute one after another (a step needs the last one's latent), so the pipeline saves transfers, not compute. Details: bench/RESULTS-multigpu.md.`,
         `dispatch latency is submit → the executor's run starting, queueing included: ${jobCount} jobs on ${executorCount} executors mostly wait their turn.`,
+        "every fifth chaos job asks for a pipeline (multi_gpu = pipeline; it runs as one when two or more executors are idle, else on one): its checksum is compared with the spec's run alone like every other job's.",
         `the ${executorCount} CPU executors share this machine's cores; each has its own emulated 0.25 GB/s link.`,
       ],
       checksum_mismatches: mismatches,
       executor_kills: killed,
       scheduler_restarts: restarted,
       reruns,
+      pipelined_jobs: pipelined,
       failures,
       wall_s: (performance.now() - started) / 1000,
     };

@@ -157,6 +157,26 @@ describe("durable jobs across scheduler restarts", () => {
     );
   }, 120_000);
 
+  it("runs a pipeline again whole after a scheduler SIGKILL while its stages run", async () => {
+    const second = spawnExecutorProcess(address, { id: "gpu1", vram: "1GiB" }, logs);
+    executors.push(second);
+    await waitForExecutors(client, 2, logs);
+    const piped = spec({ seed: 7, steps: 1500, policy: "ferry", multiGpu: "pipeline" });
+    const submitted = await client.submitJob(piped);
+    const running = await waitRunning(submitted.jobId);
+    expect(running.multiGpu?.mode).toBe("pipeline");
+    await stopChild(scheduler!, "SIGKILL");
+    startScheduler();
+    await client.ready(20_000);
+    // The executors come back running stages the new process never started: they are
+    // cancelled, and the job (stored as running on its first stage's executor) runs again.
+    const result = await client.watchUntilDone(submitted.jobId, undefined, 120_000);
+    expect(result.state).toBe(JobState.JOB_STATE_SUCCEEDED);
+    expect((await client.getJob(submitted.jobId)).attempts).toBe(2);
+    const alone = await client.runJob({ ...piped, multiGpu: "single" });
+    expect(result.checksum).toBe(alone.checksum);
+  }, 180_000);
+
   it("refuses a second scheduler on the same database", async () => {
     const other = spawnScheduler(["--listen", "127.0.0.1:0", "--db", db], logs);
     expect(await exited(other)).toBe(1);

@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { channelCredentials } from "../lib/wire/credentials";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runFerry } from "./helpers/ferryProcesses";
 import { makeTestCa, signTestCertificate } from "./helpers/testCertificates";
 import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel } from "../lib/model/genModel";
@@ -394,6 +395,18 @@ describe("pipeline split across executors", () => {
     // Stages are not jobs of their own to a client.
     const { jobs } = await client.listJobs();
     expect(jobs.map((job) => job.jobId).sort()).toEqual([single.jobId, piped.jobId].sort());
+    // `ferry jobs get` says how the job ran.
+    const shown = await runFerry([
+      "jobs",
+      "get",
+      piped.jobId,
+      "--scheduler",
+      cluster.server.address,
+    ]);
+    expect(shown.code).toBe(0);
+    expect(shown.stdout).toMatch(
+      new RegExp(`pipeline over ${stages.length}: base segments 0–\\d+ on gpu\\d`),
+    );
   }, 120_000);
 
   it("explains in GetPlan what it would do and why", async () => {

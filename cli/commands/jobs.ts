@@ -21,6 +21,22 @@ function line(job: JobInfo): string {
   );
 }
 
+/** How a split job runs across executors, and why (nothing for a job on one executor). */
+function splitLines(job: JobInfo): string {
+  const choice = job.multiGpu;
+  if (!choice || choice.mode === "single" || choice.shares.length === 0) return "";
+  const parts = choice.shares.map((share) =>
+    choice.mode === "pipeline"
+      ? `base segments ${share.firstBase}–${share.lastBase} on ${share.executorId}`
+      : `samples ${share.firstSample}–${share.firstSample + share.samples - 1} on ${share.executorId}`,
+  );
+  const kind = choice.mode === "pipeline" ? "pipeline" : "batch split";
+  return (
+    `  ${kind} over ${choice.shares.length}: ${parts.join(", ")}\n` +
+    `  ${choice.explanation.at(-1) ?? ""}\n`
+  );
+}
+
 /** Adds `jobs` (list, get, cancel). */
 export function register(program: Command): void {
   const jobs = program.command("jobs").description("the scheduler's jobs");
@@ -64,7 +80,9 @@ export function register(program: Command): void {
       try {
         const job = await client.getJob(id);
         process.stdout.write(
-          flags.json ? `${JSON.stringify(JobInfo.toJSON(job), null, 2)}\n` : `${line(job)}\n`,
+          flags.json
+            ? `${JSON.stringify(JobInfo.toJSON(job), null, 2)}\n`
+            : `${line(job)}\n${splitLines(job)}`,
         );
       } finally {
         client.close();

@@ -275,7 +275,11 @@ export class Scheduler {
         if (entry.stream !== stream) return;
         entry.lastSeenMs = Date.now();
         if (message.$case === "heartbeat") {
+          const wasIdle = entry.idle;
           this.updateHoldings(entry, message.value.holdings, message.value.freeBytes);
+          // It no longer runs jobs the scheduler did not place (stages of an abandoned
+          // pipeline winding down, a job from before a restart): queued jobs may start there.
+          if (!wasIdle && entry.idle) this.schedulePass();
         } else if (message.$case === "jobUpdate") {
           this.onJobUpdate(entry, message.value);
         } else if (message.$case === "commandDone") {
@@ -1451,6 +1455,8 @@ export class Scheduler {
         this.log(
           `ferry scheduler: ignored a result for job ${quote(jobId)} from executor ${entry.id}: the job is not running there`,
         );
+        // The executor is done with it: what waited for it may start.
+        this.schedulePass();
         return;
       }
       entry.running.delete(job);
