@@ -109,4 +109,24 @@ describe("step spans", () => {
     expect(h2d.parentSpanContext?.spanId).toBe(segment1.spanContext().spanId);
     expect(segment1.parentSpanContext?.spanId).toBe(steps[1].spanContext().spanId);
   });
+
+  it("show a pipeline stage's wait for its activations, and nothing when there was none", () => {
+    exporter.reset();
+    const recorder = new StepSpanRecorder(context.active(), {
+      jobId: "job-2.a1.s1",
+      policy: "ferry",
+      device: "cpu",
+    });
+    recorder.recordHandoffWait(2, T + 10_000, T + 13_000, 1);
+    recorder.recordHandoffWait(3, T + 20_000, T + 20_000, 1);
+    const waits = exporter.getFinishedSpans().filter((s) => s.name === "ferry.handoff_wait");
+    expect(waits).toHaveLength(1);
+    expect(waits[0].attributes).toMatchObject({
+      "ferry.job.id": "job-2.a1.s1",
+      "ferry.step": 2,
+      "ferry.stage.index": 1,
+    });
+    const ms = (t: [number, number]) => t[0] * 1000 + t[1] / 1e6;
+    expect(ms(waits[0].endTime) - ms(waits[0].startTime)).toBeCloseTo(3, 3);
+  });
 });

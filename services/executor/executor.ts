@@ -628,6 +628,8 @@ export class Executor {
       const staged = stage !== undefined && stage.stages > 1;
       const lastStage = !staged || stage.index === stage.stages - 1;
       if (staged) sender = this.stageSender(stage, current);
+      // A stage's step starts when its activations have arrived: the wait before it is a span.
+      let waitFromUs = (performance.timeOrigin + performance.now()) * 1000;
       const run = this.addon.startRun(
         this.device,
         model,
@@ -658,6 +660,10 @@ export class Executor {
           ...(staged ? { stage: { firstBase: stage.firstBase, lastBase: stage.lastBase } } : {}),
         },
         (report: NativeStepReport) => {
+          if (staged && !(stage.index === 0 && report.step === 1)) {
+            spans?.recordHandoffWait(report.step, waitFromUs, report.stepStartUs, stage.index);
+          }
+          waitFromUs = report.stepEndUs;
           spans?.record(report);
           this.metrics?.recordStep(report, plan.policy, plan.slots);
           const stats = stepStatsOf(report);

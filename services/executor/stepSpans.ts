@@ -42,7 +42,8 @@ function isRead(event: NativeRunEvent): boolean {
 /**
  * Turns a job's per-step native timestamps into spans with their real start and end times:
  * ferry.step → ferry.segment (one per merged segment) → ferry.prepare_params / ferry.h2d /
- * ferry.compute, and ferry.read (reads ahead of use) under the step. Built after each step
+ * ferry.compute, and ferry.read (reads ahead of use) under the step; a pipeline stage's waits
+ * for its activations as ferry.handoff_wait. Built after each step
  * ends, so the hot loop never waits on JavaScript.
  *
  * One recorder per job: a copy prefetched during step t−1 for step t overlaps step t−1's
@@ -142,6 +143,28 @@ export class StepSpanRecorder {
         .startSpan("ferry.read", { startTime: usToMs(event.startUs), attributes }, parent)
         .end(usToMs(event.endUs));
     }
+  }
+
+  /**
+   * A pipeline stage's wait for the previous stage's activations before `step` (a stage's step
+   * spans start once they have arrived): `ferry.handoff_wait`, under the job.
+   */
+  recordHandoffWait(step: number, startUs: number, endUs: number, stage: number): void {
+    if (endUs <= startUs) return;
+    ferryTracer()
+      .startSpan(
+        "ferry.handoff_wait",
+        {
+          startTime: usToMs(startUs),
+          attributes: {
+            "ferry.job.id": this.job.jobId,
+            "ferry.step": step,
+            "ferry.stage.index": stage,
+          },
+        },
+        this.parent,
+      )
+      .end(usToMs(endUs));
   }
 
   private eventAttributes(event: NativeRunEvent): Attributes {
