@@ -20,6 +20,8 @@ import {
   balancedRanges,
   bestPipeline,
   chooseMultiGpu,
+  HandoffCalibration,
+  PEER_HANDOFF_LATENCY_S,
   type StageCandidate,
 } from "../services/scheduler/multiGpu";
 
@@ -142,6 +144,33 @@ describe("pipeline split: the cost model's choice", () => {
     });
     expect(unavailable.mode).toBe("single");
     expect(unavailable.explanation.join("\n")).toMatch(/pipeline: the model fits one executor/);
+  });
+
+  it("learns a handoff's latency from the step period, with one clock and durations only", () => {
+    const calibration = new HandoffCalibration();
+    expect(calibration.latencyS).toBe(PEER_HANDOFF_LATENCY_S);
+    // Two stages of 10 and 5 ms, 4 ms a handoff: the last stage starts a step every 23 ms by
+    // its clock; the first stage's clock is 17 s off, and its times are never used.
+    const period = 0.005 + 0.01 + 2 * 0.004;
+    for (let step = 1; step <= 40; step++) {
+      calibration.record("job#1", 2, 0, step, 0.01, 17e6 + step * 1e6, 0);
+      calibration.record("job#1", 2, 1, step, 0.005, step * period * 1e6, 0);
+    }
+    expect(calibration.latencyS).toBeCloseTo(0.004, 4);
+    // Bytes are priced apart: the same period with 1 MB handoffs leaves 1 ms less latency.
+    const withBytes = new HandoffCalibration();
+    for (let step = 1; step <= 40; step++) {
+      withBytes.record("job#1", 2, 0, step, 0.01, 0, 1e6);
+      withBytes.record("job#1", 2, 1, step, 0.005, step * period * 1e6, 1e6);
+    }
+    expect(withBytes.latencyS).toBeCloseTo(0.003, 4);
+    // A period the durations more than explain is no negative latency.
+    const fast = new HandoffCalibration();
+    for (let step = 1; step <= 40; step++) {
+      fast.record("job#1", 2, 0, step, 0.01, 0, 0);
+      fast.record("job#1", 2, 1, step, 0.005, step * 0.01 * 1e6, 0);
+    }
+    expect(fast.latencyS).toBeCloseTo(0, 4);
   });
 
   it("skips a cut whose stage fits no idle executor, and prices handoffs every step", () => {

@@ -47,6 +47,79 @@ export const MAX_STAGES = 8;
 export const PEER_HANDOFF_LATENCY_S = 0.002;
 export const PEER_HANDOFF_GBPS = 1;
 
+/**
+ * What a handoff costs, learnt from running pipelines (starting from PEER_HANDOFF_LATENCY_S).
+ * Executors' clocks may differ, so a sample uses one clock and durations only: the last stage's
+ * step t starts (its clock) one step period after its step t − 1 did, and that period is its own
+ * step t − 1, every other stage's step t, and k handoffs. What the stages' reported durations do
+ * not explain, divided by k, less the bytes at PEER_HANDOFF_GBPS, is one handoff's latency;
+ * samples are smoothed (EWMA) and bounded to [0, 1 s].
+ */
+export class HandoffCalibration {
+  private latency = PEER_HANDOFF_LATENCY_S;
+  private readonly pipelines = new Map<
+    string,
+    { stepS: Map<number, Map<number, number>>; lastStartUs: Map<number, number> }
+  >();
+
+  /** Seconds of latency one handoff is priced at now. */
+  get latencyS(): number {
+    return this.latency;
+  }
+
+  /** One stage's step of a pipeline run (`run` names the run: the job and its attempt). */
+  record(
+    run: string,
+    stages: number,
+    stage: number,
+    step: number,
+    stepS: number,
+    startUs: number,
+    handoffBytes: number,
+  ): void {
+    let timing = this.pipelines.get(run);
+    if (!timing) {
+      // Runs that ended (or were abandoned) are dropped oldest first.
+      if (this.pipelines.size >= 64) this.pipelines.delete(this.pipelines.keys().next().value!);
+      timing = { stepS: new Map(), lastStartUs: new Map() };
+      this.pipelines.set(run, timing);
+    }
+    const steps = timing.stepS.get(step) ?? new Map<number, number>();
+    steps.set(stage, stepS);
+    timing.stepS.set(step, steps);
+    if (stage === stages - 1) timing.lastStartUs.set(step, startUs);
+    // Step 1 reads and uploads weights; from step 3 on a period is the steady state.
+    for (const t of [...timing.lastStartUs.keys()]) {
+      const before = timing.lastStartUs.get(t - 1);
+      const now = timing.stepS.get(t);
+      const lastBefore = timing.stepS.get(t - 1)?.get(stages - 1);
+      if (t < 3 || before === undefined || lastBefore === undefined || !now) continue;
+      if (now.size < stages) continue;
+      let explained = lastBefore;
+      for (let s = 0; s < stages - 1; s++) explained += now.get(s)!;
+      const periodS = (timing.lastStartUs.get(t)! - before) / 1e6;
+      const sample = (periodS - explained) / stages - handoffBytes / (PEER_HANDOFF_GBPS * 1e9);
+      this.latency = 0.8 * this.latency + 0.2 * Math.min(1, Math.max(0, sample));
+      timing.lastStartUs.delete(t - 1);
+      timing.stepS.delete(t - 1);
+    }
+  }
+
+  /** A run that ended. */
+  forget(run: string): void {
+    this.pipelines.delete(run);
+  }
+}
+
+/** Bytes one handoff carries, as the cost model estimates them from the job's base segments. */
+export function handoffBytesOf(
+  segments: readonly { output_bytes: number; prev_cut_bytes: number }[],
+): number {
+  // The activations between segments (the state one writes and the next reads) and the latent,
+  // both ways of the ring alike.
+  return 2 * Math.max(0, ...segments.map((s) => s.output_bytes + s.prev_cut_bytes));
+}
+
 export type MultiGpuMode = "auto" | "single" | "batch" | "pipeline";
 export const MULTI_GPU_MODES: readonly MultiGpuMode[] = ["auto", "single", "batch", "pipeline"];
 

@@ -75,8 +75,9 @@ import { ASSUMED_DISK_GBPS, choosePlacement, type PlacementCandidate } from "./p
 import { planToMessage } from "./planProto";
 import {
   chooseMultiGpu,
+  HandoffCalibration,
+  handoffBytesOf,
   PEER_HANDOFF_GBPS,
-  PEER_HANDOFF_LATENCY_S,
   MAX_SPLIT,
   MULTI_GPU_MODES,
   possibleShareSizes,
@@ -180,6 +181,8 @@ export class Scheduler {
   private readonly byKey = new Map<string, Job>();
   private readonly queue = new JobQueue();
   private readonly estimates = new Map<string, Estimate>();
+  /** What a pipeline handoff costs, learnt from the pipelines that ran. */
+  private readonly handoffs = new HandoffCalibration();
   private readonly preparing = new Set<Job>();
   readonly store: JobStore;
   readonly models: ModelRepository | undefined;
@@ -893,14 +896,7 @@ export class Scheduler {
       singleEntry === undefined ||
       (this.estimate(job as Job, singleEntry, true)?.plan.streamedBytesPerStep ?? 1) > 0;
     const peers = idleEntries.filter((entry) => entry.peerAddress);
-    // What one handoff carries: the activations between segments (the state a segment writes and
-    // the next reads) and the latent, both ways of the ring alike.
-    const handoffBytes =
-      2 *
-      Math.max(
-        0,
-        ...profile.segments.map((segment) => segment.output_bytes + segment.prev_cut_bytes),
-      );
+    const handoffBytes = handoffBytesOf(profile.segments);
     return chooseMultiGpu({
       mode,
       batch: job.spec.batch,
@@ -910,7 +906,7 @@ export class Scheduler {
       pipeline: {
         baseBytes: profile.segments.map((segment) => segment.param_bytes),
         steps: job.spec.steps,
-        handoffS: PEER_HANDOFF_LATENCY_S + handoffBytes / (PEER_HANDOFF_GBPS * 1e9),
+        handoffS: this.handoffs.latencyS + handoffBytes / (PEER_HANDOFF_GBPS * 1e9),
         candidates: peers.map((entry) => ({
           id: entry.id,
           price: (first: number, last: number) => {
@@ -1076,6 +1072,7 @@ export class Scheduler {
     const job = stage.parent!;
     this.jobs.delete(stage.id);
     if (job.finished || !job.shares?.includes(stage)) return;
+    this.handoffs.forget(`${job.id}#${job.attempts}`);
     const stages = job.shares;
     job.shares = undefined;
     for (const sibling of stages) {
@@ -1140,6 +1137,7 @@ export class Scheduler {
     }
     share.shareOutput = result;
     if (!shares.every((s) => s.shareOutput)) return;
+    if (share.stage) this.handoffs.forget(`${job.id}#${job.attempts}`);
     const pipeline = shares[0].stage !== undefined;
     const lastStage = shares[shares.length - 1].shareOutput!;
     const output = pipeline
@@ -1503,6 +1501,17 @@ export class Scheduler {
     }
     if (!job.startedMs) job.startedMs = Date.now();
     if (body.value.stats) entry.recordStep(body.value.stats, job.segmentFlops);
+    if (body.value.stats && job.stage && parent?.profile) {
+      this.handoffs.record(
+        `${parent.id}#${parent.attempts}`,
+        job.stage.stages,
+        job.stage.index,
+        body.value.stats.step,
+        body.value.stats.stepSeconds,
+        body.value.stats.startUs,
+        handoffBytesOf(parent.profile.segments),
+      );
+    }
     if (body.value.stats && body.value.stats.step > TIMELINE_STEPS_KEPT) {
       body.value.stats.events = [];
     }
