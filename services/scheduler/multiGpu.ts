@@ -103,6 +103,13 @@ export class HandoffCalibration {
       timing.lastStartUs.delete(t - 1);
       timing.stepS.delete(t - 1);
     }
+    // Steps some stage's progress never came for (coalesced while a stream was full) are not
+    // waited for: only the last few are kept.
+    if (stage === stages - 1) {
+      for (const map of [timing.stepS, timing.lastStartUs]) {
+        for (const t of map.keys()) if (t < step - 3) map.delete(t);
+      }
+    }
   }
 
   /** A run that ended. */
