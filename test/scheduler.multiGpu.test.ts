@@ -5,8 +5,9 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { JobState, JobSpec } from "../gen/ferry/v1/scheduler";
 import { genModel, type GenModelDtype } from "../lib/model/genModel";
 import { loadAddon } from "../lib/native/addon";
-import { shareSeed } from "../services/executor/executor";
+import { genFluxModel } from "../lib/model/genFlux";
 import { startCluster, type Cluster } from "../services/cluster/localCluster";
+import { samplesOf } from "../services/scheduler/scheduler";
 import {
   chooseMultiGpu,
   possibleShareSizes,
@@ -94,13 +95,13 @@ describe("batch split: the cost model's choice", () => {
     expect(decision.shares.map((s) => s.samples)).toEqual([2, 2]);
   });
 
-  it("offsets a share's input counter by its first sample, exactly in 64 bits", () => {
-    expect(shareSeed(7, 0, 16, { channels: 8 })).toBe(7);
-    expect(shareSeed(7, 3, 16, { channels: 8 })).toBe(7n + 3n * 16n * 8n);
-    expect(shareSeed(Number.MAX_SAFE_INTEGER, 1 << 20, 1 << 20, { channels: 64 })).toBe(
-      BigInt(Number.MAX_SAFE_INTEGER) + (1n << 46n),
+  it("cuts input tensors by sample for a share", () => {
+    const data = Buffer.from(Float32Array.from({ length: 5 * 6 }, (_, i) => i).buffer);
+    const [img] = samplesOf([{ name: "img", shape: [5, 3, 2], data }], 2, 2);
+    expect(img.shape).toEqual([2, 3, 2]);
+    expect([...new Float32Array(img.data.buffer, img.data.byteOffset, 12)]).toEqual(
+      Array.from({ length: 12 }, (_, i) => 12 + i),
     );
-    expect(() => shareSeed(0, 1, 16, {})).toThrow(/latent channels/);
   });
 });
 
@@ -149,7 +150,8 @@ describe("batch split: ggml computes each sample alike whatever the batch", () =
           const share = await addon.startRun(part, model, {
             ...request,
             batch: samples,
-            seed: shareSeed(seed, first, tokens, model.info().config),
+            seed,
+            firstSample: first,
           }).done;
           expect(share.shape).toEqual([samples, tokens, channels]);
           pieces.push(
@@ -158,6 +160,59 @@ describe("batch split: ggml computes each sample alike whatever the batch", () =
           first += samples;
         }
         expect(Buffer.concat(pieces).equals(expected)).toBe(true);
+      } finally {
+        whole.dispose();
+        part.dispose();
+        model.dispose();
+      }
+    },
+  );
+
+  // FLUX.1's per-sample vector MLPs multiply [B, 256|768] inputs; with B = 1 ggml's f32 kernel
+  // rounds differently, so its shares have 2 samples or more (scheduler.ts minShareSamples).
+  it.each(["f32", "q8_0"] as GenModelDtype[])(
+    "FLUX.1 %s: shares of 2 + 3 samples are the batch of 5, bit for bit, every input generated",
+    async (dtype) => {
+      const addon = loadAddon();
+      const path = join(dir, `flux-${dtype}.gguf`);
+      await genFluxModel(path, { hidden: 128, depth: 1, depthSingle: 1, guidance: true, dtype });
+      const model = await addon.openModel(path);
+      const whole = new addon.CpuDevice({ capacityBytes: 256 << 20, threads: 2 });
+      const part = new addon.CpuDevice({ capacityBytes: 256 << 20, threads: 1 });
+      try {
+        const n = model.info().baseSegments.length;
+        const segments = [{ firstBase: 0, lastBase: n - 1, resident: true }];
+        const request = { tokens: 16, contextTokens: 8, steps: 2, segments, slots: 1, seed: 11 };
+        const all = await addon.startRun(whole, model, { ...request, batch: 5 }).done;
+        const expected = Buffer.from(
+          all.output.buffer,
+          all.output.byteOffset,
+          all.output.byteLength,
+        );
+        const pieces: Buffer[] = [];
+        for (const [first, samples] of [
+          [0, 2],
+          [2, 3],
+        ]) {
+          const share = await addon.startRun(part, model, {
+            ...request,
+            batch: samples,
+            firstSample: first,
+          }).done;
+          pieces.push(
+            Buffer.from(share.output.buffer, share.output.byteOffset, share.output.byteLength),
+          );
+        }
+        expect(Buffer.concat(pieces).equals(expected)).toBe(true);
+        // Without the offset the second share would start from the first's inputs.
+        const unshifted = await addon.startRun(part, model, { ...request, batch: 3 }).done;
+        expect(
+          Buffer.from(
+            unshifted.output.buffer,
+            unshifted.output.byteOffset,
+            unshifted.output.byteLength,
+          ).equals(expected.subarray(pieces[0].length)),
+        ).toBe(false);
       } finally {
         whole.dispose();
         part.dispose();
@@ -195,6 +250,7 @@ describe("batch split across executors", () => {
       channels: 8,
       seed: 5,
     });
+    await genFluxModel(join(dir, "flux.gguf"), { hidden: 128, depth: 1, depthSingle: 1 });
     cluster = await startCluster(
       [
         { id: "gpu0", vram: "1GiB", threads: 1 },
@@ -240,6 +296,31 @@ describe("batch split across executors", () => {
     // Shares are not jobs of their own to a client.
     const { jobs } = await client.listJobs();
     expect(jobs.map((job) => job.jobId).sort()).toEqual([single.jobId, split.jobId].sort());
+  }, 120_000);
+
+  it("splits a FLUX.1 job by sample, its own img input cut by sample too, with the same bits", async () => {
+    const { client } = cluster;
+    const [B, L, T] = [4, 16, 8];
+    const img = Float32Array.from({ length: B * L * 64 }, (_, i) => Math.sin(i) / 2);
+    const flux = JobSpec.fromPartial({
+      modelPath: "flux",
+      steps: 2,
+      batch: B,
+      tokens: L,
+      contextTokens: T,
+      seed: 3,
+      policy: "ferry",
+      inputs: [{ name: "img", shape: [B, L, 64], data: Buffer.from(img.buffer) }],
+    });
+    const single = await client.runJob({ ...flux, multiGpu: "single" });
+    const split = await client.runJob({ ...flux, multiGpu: "batch" });
+    expect(Buffer.from(split.output).equals(Buffer.from(single.output))).toBe(true);
+    const info = await client.getJob(split.jobId);
+    expect(info.multiGpu?.shares.map((s) => s.samples)).toEqual([2, 2]);
+    // A share of one FLUX sample would not compute as the batch does: 3 samples stay together.
+    const three = await client.getPlan({ ...flux, batch: 3, inputs: [], multiGpu: "batch" });
+    expect(three.multiGpu?.mode).toBe("single");
+    expect(three.multiGpu!.explanation.join("\n")).toMatch(/shares need 2 samples or more/);
   }, 120_000);
 
   it("explains in GetPlan what it would do and why", async () => {

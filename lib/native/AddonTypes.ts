@@ -240,6 +240,14 @@ export interface NativeRunRequest {
    */
   inputs?: Record<string, Float32Array>;
   /**
+   * A share of a batch split: these `batch` samples are samples `firstSample`… of a larger batch
+   * run with the same seed, so each generated input starts that many samples into the larger
+   * batch's counter (`seed + k·2^32 + firstSample × the input's values per sample` for the k-th
+   * input) and the shares' outputs, concatenated, are the larger batch's, bit for bit. Inputs
+   * given in `inputs` are the share's own. @default 0
+   */
+  firstSample?: number;
+  /**
    * Must cover base segments 0..n−1 in order, each exactly once (with `stage`, the stage's
    * firstBase..lastBase).
    */

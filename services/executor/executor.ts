@@ -155,29 +155,6 @@ function inputsOf(inputs: readonly InputTensor[]): Record<string, Float32Array> 
 }
 
 /**
- * The counter offset of a batch split's share: the job's initial input is defined element by
- * element from `seed + i` (lib/model/initialInput.ts), so samples from `firstSample` on start at
- * element `firstSample × tokens × channels`. Exact in 64 bits (the counter wraps mod 2^64, as
- * natively).
- */
-export function shareSeed(
-  seed: number,
-  firstSample: number,
-  tokens: number,
-  config: Record<string, number>,
-): number | bigint {
-  if (!firstSample) return seed;
-  const channels = config.channels;
-  if (!Number.isSafeInteger(channels) || channels <= 0) {
-    throw Object.assign(
-      new Error("a batch split share needs the model's latent channels, and this model has none"),
-      { name: "InvalidArgumentError" },
-    );
-  }
-  return BigInt.asUintN(64, BigInt(seed) + BigInt(firstSample) * BigInt(tokens) * BigInt(channels));
-}
-
-/**
  * An executor process's runtime: owns the native device, dials the scheduler's Connect stream,
  * registers, heartbeats, and runs the jobs it is sent in native code — several at once when the
  * scheduler finds their plans fit the device's budget together (the device's memory arbiter
@@ -638,7 +615,9 @@ export class Executor {
           tokens: spec.tokens || 64,
           contextTokens: spec.contextTokens,
           steps: spec.steps,
-          seed: shareSeed(spec.seed, request.firstSample, spec.tokens || 64, model.info().config),
+          seed: spec.seed,
+          // A batch split's share: its generated inputs continue the whole batch's.
+          firstSample: request.firstSample,
           guidance: spec.guidance,
           shift: spec.shift,
           inputs: inputsOf(spec.inputs),

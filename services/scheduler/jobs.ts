@@ -93,6 +93,8 @@ export class Job implements JobRow {
   multiGpu: MultiGpuChoice | undefined;
   /** Base segments for a share of `samples` samples (the profiles a batch split may use). */
   readonly shareProfiles = new Map<number, ModelProfile>();
+  /** The fewest samples a share of this job's model computes exactly as in the whole batch. */
+  minShareSamples = 1;
 
   constructor(row: JobRow) {
     this.id = row.id;

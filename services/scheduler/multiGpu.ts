@@ -137,10 +137,13 @@ export function shareSizes(batch: number, k: number): number[] {
   return Array.from({ length: k }, (_, i) => base + (i < extra ? 1 : 0));
 }
 
-/** The share sizes any split of `batch` over up to `maxExecutors` executors may use. */
-export function possibleShareSizes(batch: number, maxExecutors: number): number[] {
+/**
+ * The share sizes any split of `batch` over up to `maxExecutors` executors may use, every share
+ * at least `minShare` samples.
+ */
+export function possibleShareSizes(batch: number, maxExecutors: number, minShare = 1): number[] {
   const sizes = new Set<number>();
-  for (let k = 2; k <= Math.min(batch, maxExecutors, MAX_SPLIT); k++) {
+  for (let k = 2; k <= Math.min(Math.floor(batch / minShare), maxExecutors, MAX_SPLIT); k++) {
     for (const size of shareSizes(batch, k)) sizes.add(size);
   }
   return [...sizes].sort((a, b) => a - b);
@@ -334,6 +337,11 @@ export function chooseMultiGpu<P>(args: {
   idle: readonly SplitCandidate<P>[];
   /** Base segments of the model (a batch share computes all of them). @default 1 */
   baseSegments?: number;
+  /**
+   * The fewest samples a share may have and still compute exactly as in the whole batch (FLUX.1's
+   * per-sample vector MLPs take another ggml kernel for one row). @default 1
+   */
+  minShareSamples?: number;
   pipeline?: PipelineOptions<P>;
 }): MultiGpuDecision<P> {
   const { mode, batch, single } = args;
@@ -359,14 +367,26 @@ export function chooseMultiGpu<P>(args: {
   if (mode === "single") return singleOnly("the job asked for one (multi_gpu = single)");
 
   if (mode !== "pipeline") {
+    const minShare = args.minShareSamples ?? 1;
     if (batch < 2) {
       explanation.push("batch split: a batch of 1 cannot be split");
+    } else if (batch < 2 * minShare) {
+      explanation.push(
+        `batch split: this model's shares need ${minShare} samples or more each (a batch of ${batch} cannot be split)`,
+      );
     } else if (args.idle.length < 2) {
       explanation.push(
         `batch split: needs two or more idle executors (${args.idle.length} idle now)`,
       );
     } else {
-      batchSplit = bestBatchSplit(mode, batch, args.idle, args.baseSegments ?? 1, explanation);
+      batchSplit = bestBatchSplit(
+        mode,
+        batch,
+        args.idle,
+        args.baseSegments ?? 1,
+        minShare,
+        explanation,
+      );
     }
   }
   if (mode !== "batch") {
@@ -438,10 +458,11 @@ function bestBatchSplit<P>(
   batch: number,
   idle: readonly SplitCandidate<P>[],
   baseSegments: number,
+  minShare: number,
   explanation: string[],
 ): { shares: ChosenShare<P>[]; finishS: number } | undefined {
   let best: { shares: ChosenShare<P>[]; finishS: number } | undefined;
-  const maxK = Math.min(batch, idle.length, MAX_SPLIT);
+  const maxK = Math.min(Math.floor(batch / minShare), idle.length, MAX_SPLIT);
   for (let k = 2; k <= maxK; k++) {
     const sizes = shareSizes(batch, k);
     // The executors that finish the largest share soonest take the shares, largest first.

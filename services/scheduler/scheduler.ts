@@ -8,6 +8,7 @@ import {
   JobState,
   SubmitJobRequest,
   type MultiGpuChoice,
+  type InputTensor,
   type PipelineStage,
   type ConnectRequest,
   type DeviceInfo,
@@ -86,6 +87,7 @@ import {
   type SplitCandidate,
 } from "./multiGpu";
 import { predictedFinishS } from "./placement";
+import type { ModelHeader } from "../../lib/model/modelFile";
 import type { ModelProfile } from "../../lib/model/profile";
 
 /** Queued jobs a placement pass tries behind ones that must wait (at least; 2 per executor). */
@@ -615,6 +617,7 @@ export class Scheduler {
     model: ResolvedModel;
     profile: Job["profile"];
     shareProfiles: Map<number, ModelProfile>;
+    minShare: number;
   }> {
     const models = this.requireModels();
     const model = await models.resolve(spec.modelPath);
@@ -634,31 +637,20 @@ export class Scheduler {
     checkJobInputs(inputs, spec.inputs);
     const profile = await models.profile(model, spec.batch, spec.tokens, spec.contextTokens);
     // The base segments of every share a batch split of this job may use, measured now: the
-    // placement pass that decides on a split cannot wait for native measurements.
+    // placement pass that decides on a split cannot wait for native measurements. (A share's
+    // generated inputs continue the whole batch's, RunJob.first_sample; inputs sent with the
+    // job are cut by sample.)
     const shareProfiles = new Map<number, ModelProfile>();
-    // A share's generated input is the job's from its first sample on (executor.ts shareSeed),
-    // defined for the DiT's one latent; inputs sent with the job would have to be cut per share.
-    const unsplittable =
-      spec.inputs.length > 0
-        ? "it carries its own input tensors"
-        : header.ditConfig
-          ? undefined
-          : "only the DiT's generated input is split by sample so far";
-    if (unsplittable && spec.multiGpu === "batch") {
-      throw new StatusError(
-        status.INVALID_ARGUMENT,
-        `multi_gpu "batch": this job cannot be split across executors: ${unsplittable}`,
-      );
-    }
-    if (multiGpuMode(spec) !== "single" && !unsplittable) {
-      for (const samples of possibleShareSizes(spec.batch, MAX_SPLIT)) {
+    const minShare = minShareSamples(header);
+    if (multiGpuMode(spec) !== "single" && multiGpuMode(spec) !== "pipeline") {
+      for (const samples of possibleShareSizes(spec.batch, MAX_SPLIT, minShare)) {
         shareProfiles.set(
           samples,
           await models.profile(model, samples, spec.tokens, spec.contextTokens),
         );
       }
     }
-    return { model, profile, shareProfiles };
+    return { model, profile, shareProfiles, minShare };
   }
 
   /** A queued or restored job's model and profile, read again (the file may have changed). */
@@ -666,7 +658,7 @@ export class Scheduler {
     if (this.preparing.has(job)) return;
     this.preparing.add(job);
     try {
-      const { model, profile, shareProfiles } = await this.loadModelFor({
+      const { model, profile, shareProfiles, minShare } = await this.loadModelFor({
         ...job.spec,
         modelPath: job.modelRef,
       });
@@ -675,6 +667,7 @@ export class Scheduler {
       for (const [samples, shareProfile] of shareProfiles) {
         job.shareProfiles.set(samples, shareProfile);
       }
+      job.minShareSamples = minShare;
       job.spec = { ...job.spec, modelPath: model.path };
       if (job.plan && job.segmentFlops.length === 0) {
         job.segmentFlops = job.plan.segments.map((segment) =>
@@ -868,7 +861,7 @@ export class Scheduler {
    * runs the same kernels), priced with each executor's calibrated cost model.
    */
   private multiGpuDecision(
-    job: Pick<Job, "spec" | "profile" | "model" | "shareProfiles">,
+    job: Pick<Job, "spec" | "profile" | "model" | "shareProfiles" | "minShareSamples">,
     single: PlacementCandidate | undefined,
     singleEntry: ExecutorEntry | undefined,
   ): MultiGpuDecision<PlanMessage> {
@@ -903,6 +896,7 @@ export class Scheduler {
       single: single && { id: single.id, finishS: predictedFinishS(single), idle: single.idle },
       idle,
       baseSegments: profile.segments.length,
+      minShareSamples: job.minShareSamples,
       pipeline: {
         baseBytes: profile.segments.map((segment) => segment.param_bytes),
         steps: job.spec.steps,
@@ -1021,6 +1015,9 @@ export class Scheduler {
         spec: {
           ...job.spec,
           batch: pipeline ? job.spec.batch : share.samples,
+          inputs: pipeline
+            ? job.spec.inputs
+            : samplesOf(job.spec.inputs, share.firstSample, share.samples),
           executorId: "",
           multiGpu: "single",
         },
@@ -1247,7 +1244,7 @@ export class Scheduler {
     const earlier = key ? this.byKey.get(key) : undefined;
     if (earlier) return this.existingOutcome(earlier, hash);
     const spec = this.resolveSpec(request.spec);
-    const { model, profile, shareProfiles } = await this.loadModelFor(spec);
+    const { model, profile, shareProfiles, minShare } = await this.loadModelFor(spec);
     const probe = { spec: { ...spec, modelPath: model.path }, profile, model } as Job;
     const entries = [...this.executors.values()].filter((entry) => entry.connected);
     if (spec.executorId) {
@@ -1331,6 +1328,7 @@ export class Scheduler {
     for (const [samples, shareProfile] of shareProfiles) {
       job.shareProfiles.set(samples, shareProfile);
     }
+    job.minShareSamples = minShare;
     this.save(job);
     this.jobs.set(job.id, job);
     if (key) this.byKey.set(key, job);
@@ -1369,12 +1367,13 @@ export class Scheduler {
     spec: JobSpec | undefined,
   ): Promise<{ plan: PlanMessage; executorId: string; multiGpu: MultiGpuChoice }> {
     const resolved = this.resolveSpec(spec);
-    const { model, profile, shareProfiles } = await this.loadModelFor(resolved);
+    const { model, profile, shareProfiles, minShare } = await this.loadModelFor(resolved);
     const probe = {
       spec: { ...resolved, modelPath: model.path },
       profile,
       model,
       shareProfiles,
+      minShareSamples: minShare,
     } as Job;
     if (resolved.executorId) {
       const entry = this.executors.get(resolved.executorId);
@@ -2045,6 +2044,36 @@ function estimateOn(
     ),
     runS: job.spec.steps * (stepS > 0 ? stepS : 1e-3),
   };
+}
+
+/**
+ * The fewest samples a batch split's share of this model may have: FLUX.1's per-sample vector
+ * MLPs (timestep, guidance, pooled text) multiply a [B, 256|768] input, and with B = 1 ggml's
+ * CPU backend takes another f32 kernel that rounds differently (measured: f32 shares of one
+ * sample differ from the batch in the last bit; bf16 and q8_0 do not). The DiT's matrices always
+ * have tokens × samples rows.
+ */
+function minShareSamples(header: ModelHeader): number {
+  return header.ditConfig ? 1 : 2;
+}
+
+/**
+ * Samples [first, first + count) of a job's input tensors (each batch-major: its first dimension
+ * is the batch, as the scheduler checked at submit), for a batch split's share.
+ */
+export function samplesOf(
+  inputs: readonly InputTensor[],
+  first: number,
+  count: number,
+): InputTensor[] {
+  return inputs.map((input) => {
+    const perSample = input.data.length / (input.shape[0] || 1);
+    return {
+      name: input.name,
+      shape: [count, ...input.shape.slice(1)],
+      data: input.data.subarray(first * perSample, (first + count) * perSample),
+    };
+  });
 }
 
 /** A spec's multi-GPU mode ("" = "auto"). */

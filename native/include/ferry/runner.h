@@ -104,6 +104,11 @@ struct RunRequest {
   // Values of the job's input and latent activations by name (float32, ggml order: the row-major
   // [B, T, C] latent of the DiT is "z"). Absent ones are generated from the seed.
   HostTensors inputs;
+  // A share of a batch split: this job's samples are samples first_sample.. of a larger batch
+  // run with the same seed, so each generated input starts first_sample samples into that
+  // batch's counter (seed + k·2^32 + first_sample × the input's values per sample), and the
+  // shares' outputs, concatenated, are the larger batch's. 0: the whole batch.
+  uint64_t first_sample = 0;
   SamplerOptions sampler;  // its `steps` is this request's
   std::vector<PlanSegment> segments;
   Execution execution = Execution::kSerial;

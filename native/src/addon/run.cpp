@@ -258,6 +258,7 @@ RunRequest parse_request(Napi::Env env, const Napi::Value& value) {
   } else {
     r.seed = uint_field(o, "seed", where);
   }
+  r.first_sample = uint_field_or(o, "firstSample", where, 0);
   if (has_field(o, "inputs")) {
     Napi::Object inputs = object_arg(o.Get("inputs"), where + ".inputs");
     Napi::Array names = inputs.GetPropertyNames();

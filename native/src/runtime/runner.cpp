@@ -195,9 +195,18 @@ class RunBase {
     for (const ActivationSpec& a : graphs_->activation_specs()) {
       if (a.role != Role::kInput && a.role != Role::kLatent) continue;
       const auto given = request_.inputs.find(a.name);
+      // Every input is batch-major (B is its outermost dimension): a share's samples start
+      // first_sample samples into the larger batch's counter.
+      const int64_t batch = a.ne[a.n_dims - 1];
+      if (request_.first_sample > 0 && batch != request_.job.batch) {
+        throw InvalidArgumentError("run: input \"" + a.name +
+                                   "\" is not batch-major; a share of a batch cannot be run");
+      }
+      const uint64_t offset = request_.first_sample * static_cast<uint64_t>(a.elements() / batch);
       if (given != request_.inputs.end()) {
         host[a.name] = given->second;
-      } else if (model_.arch().generate_input(a, request_.seed + (generated << 32), host[a.name])) {
+      } else if (model_.arch().generate_input(a, request_.seed + (generated << 32) + offset,
+                                              host[a.name])) {
         // generated from the seed
       } else {
         host.erase(a.name);  // the architecture fills it in prepare_job
