@@ -3,7 +3,7 @@
 # ASan and UBSan — ggml included, so ggml's GGUF reader is instrumented too — writes the seed
 # corpora (valid files of every dtype from the test writers, plus the shared fixtures when they
 # exist), runs each target for a fixed time and prints what it tried. Its build (build-fuzz/cmake)
-# is shared with scripts/test-asan.sh, which configures it the same way.
+# is shared with scripts/test-asan.sh (both configure it with scripts/sanitized-build.sh).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60; FERRY_FUZZ_SECONDS also sets it)
 #
@@ -18,26 +18,9 @@ seconds=${1:-${FERRY_FUZZ_SECONDS:-60}}
 out=${FERRY_FUZZ_DIR:-$root/build-fuzz}
 ggml=${FERRY_GGML_DIR:-$root/deps/ggml}
 
-if ! command -v clang++ >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "fuzz: installing clang and its runtime libraries (libFuzzer, sanitizers)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null
-  else
-    echo "fuzz: needs clang with libFuzzer (Debian: apt-get install clang libclang-rt-14-dev)" >&2
-    exit 2
-  fi
-fi
-if [ ! -f "$ggml/CMakeLists.txt" ]; then
-  echo "fuzz: no ggml sources at $ggml; run npm ci first (it extracts them)" >&2
-  exit 2
-fi
-
-generator=()
-command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
-mkdir -p "$out"
-CC=clang CXX=clang++ cmake -S "$root" -B "$out/cmake" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DFERRY_FUZZ=ON -DFERRY_SANITIZE=address,undefined -DFERRY_BUILD_TESTS=ON \
-  -DFERRY_GGML_DIR="$ggml" >"$out/configure.log" 2>&1 || { cat "$out/configure.log" >&2; exit 2; }
+# shellcheck source=scripts/sanitized-build.sh
+source "$root/scripts/sanitized-build.sh"
+sanitized_configure fuzz "$root" "$out/cmake" "$out/configure.log" "$ggml"
 cmake --build "$out/cmake" --parallel "${FERRY_BUILD_JOBS:-2}" --target fuzz_safetensors fuzz_gguf fuzz_seeds >"$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log" >&2; exit 2; }
 

@@ -5,8 +5,8 @@
 #
 #   npm run test:asan            (scripts/test-asan.sh; FERRY_BUILD_JOBS sets the build's -j)
 #
-# It shares its build directory (build-fuzz/cmake) and configuration with scripts/fuzz.sh: one
-# instrumented ggml serves both, which on a 2-core machine saves the longest part of either. The
+# It shares its build directory (build-fuzz/cmake) and configuration (scripts/sanitized-build.sh)
+# with scripts/fuzz.sh: one instrumented ggml serves both, which on a 2-core machine saves the longest part of either. The
 # objects therefore also carry libFuzzer's coverage hooks (-fsanitize=fuzzer-no-link); in a test
 # binary they only count edges. Clang comes from Debian (apt-get install clang libclang-rt-14-dev),
 # installed here when missing and running as root.
@@ -21,28 +21,9 @@ top=${FERRY_FUZZ_DIR:-$root/build-fuzz}
 out=$top/cmake
 ggml=${FERRY_GGML_DIR:-$root/deps/ggml}
 
-if ! command -v clang++ >/dev/null 2>&1 || ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.asan-x86_64.a >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test:asan: installing clang and its runtime libraries (sanitizers, libFuzzer)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-rt-14-dev >/dev/null
-  else
-    echo "test:asan: needs clang with its sanitizer runtimes (Debian: apt-get install clang libclang-rt-14-dev)" >&2
-    exit 2
-  fi
-fi
-
-if [ ! -f "$ggml/CMakeLists.txt" ]; then
-  echo "test:asan: no ggml sources at $ggml; run npm ci first (it extracts them)" >&2
-  exit 2
-fi
-
-generator=()
-command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
-mkdir -p "$out"
-# The same configuration as scripts/fuzz.sh (see above).
-CC=clang CXX=clang++ cmake -S "$root" -B "$out" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DFERRY_FUZZ=ON -DFERRY_SANITIZE=address,undefined -DFERRY_BUILD_TESTS=ON \
-  -DFERRY_GGML_DIR="$ggml" >"$top/asan-configure.log" 2>&1 || { cat "$top/asan-configure.log" >&2; exit 2; }
+# shellcheck source=scripts/sanitized-build.sh
+source "$root/scripts/sanitized-build.sh"
+sanitized_configure test:asan "$root" "$out" "$top/asan-configure.log" "$ggml"
 # The tests only (the benchmark binary is not run here).
 targets=$(sed -n 's/^\([a-z_]*\):.*/\1/p' <(cmake --build "$out" --target help 2>/dev/null) | grep '^test_' || true)
 if [ -z "$targets" ]; then

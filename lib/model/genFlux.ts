@@ -19,9 +19,7 @@ import { FLUX_PREFIX, fluxLayout, GGUF_FLUX_ARCHITECTURE, type FluxConfig } from
 import {
   chunkBuffers,
   encodeAs,
-  formatFromPath,
-  GEN_MODEL_DTYPES,
-  GEN_MODEL_FORMATS,
+  resolveFileOptions,
   genModelTensorType,
   isQuantDtype,
   SAFETENSORS_DTYPE,
@@ -31,7 +29,6 @@ import {
   tensorsSize,
 } from "./genModel";
 import { encodeFloats } from "./half";
-import { normalizeSeed } from "./initialInput";
 import { writeSafetensors, type TensorToWrite } from "./safetensors";
 
 export interface GenFluxOptions {
@@ -96,31 +93,11 @@ export function resolveGenFluxOptions(
       `--depth-single must be a non-negative integer (got ${config.depthSingle})`,
     );
   }
-  const dtype = options.dtype ?? "f32";
-  if (!(GEN_MODEL_DTYPES as readonly string[]).includes(dtype)) {
-    throw new RangeError(`--dtype must be one of ${GEN_MODEL_DTYPES.join(", ")} (got ${dtype})`);
-  }
-  const format = options.format ?? (out !== undefined ? formatFromPath(out) : "safetensors");
-  if (!(GEN_MODEL_FORMATS as readonly string[]).includes(format)) {
-    throw new RangeError(
-      `--format must be one of ${GEN_MODEL_FORMATS.join(", ")} (got ${String(format)})`,
-    );
-  }
-  if (format === "safetensors" && isQuantDtype(dtype)) {
-    throw new RangeError(
-      `--dtype ${dtype} is a ggml quantized type and needs GGUF: use --format gguf or a .gguf file name`,
-    );
-  }
+  const { dtype, format, seed } = resolveFileOptions(options, out);
   if (format === "gguf" && options.prefix) {
     throw new RangeError(
       `--prefix writes "${FLUX_PREFIX}…" names, longer than GGUF's 63 bytes: use safetensors`,
     );
-  }
-  let seed: bigint;
-  try {
-    seed = normalizeSeed(options.seed ?? 0);
-  } catch {
-    throw new RangeError(`--seed must be an integer in [0, 2^64) (got ${options.seed})`);
   }
   return { config, prefix: options.prefix ? FLUX_PREFIX : "", dtype, format, seed };
 }

@@ -341,6 +341,18 @@ export function resolveGenModelOptions(
     throw new RangeError(`--heads ${config.heads} does not divide --hidden ${config.hidden}`);
   }
   validateDitConfig(config);
+  return { config, ...resolveFileOptions(options, out) };
+}
+
+/**
+ * The options every generated model has, whatever its architecture — weight type, file format
+ * (from `out`'s extension when unset) and seed — checked together (a quantized type needs GGUF).
+ * RangeError messages phrased as CLI flags.
+ */
+export function resolveFileOptions(
+  options: { dtype?: GenModelDtype; format?: GenModelFormat; seed?: number | bigint },
+  out?: string,
+): { dtype: GenModelDtype; format: GenModelFormat; seed: bigint } {
   const dtype = options.dtype ?? GEN_MODEL_DEFAULTS.dtype;
   if (!(GEN_MODEL_DTYPES as readonly string[]).includes(dtype)) {
     throw new RangeError(`--dtype must be one of ${GEN_MODEL_DTYPES.join(", ")} (got ${dtype})`);
@@ -362,7 +374,7 @@ export function resolveGenModelOptions(
   } catch {
     throw new RangeError(`--seed must be an integer in [0, 2^64) (got ${options.seed})`);
   }
-  return { config, dtype, format, seed };
+  return { dtype, format, seed };
 }
 
 /**

@@ -28,6 +28,8 @@ import {
   type ServerTlsFiles,
 } from "../../lib/wire/credentials";
 import { GRPC_MESSAGE_LIMIT } from "../../lib/wire/limits";
+import { StatusError, toStatusError } from "../../lib/wire/statusError";
+import { bindServer } from "../../lib/wire/listen";
 
 /** Bytes of tensor data one HandoffRequest carries at most (its pieces together). */
 export const HANDOFF_CHUNK_BYTES = 1024 * 1024;
@@ -100,21 +102,18 @@ interface Assembling {
   filled: Map<string, number>;
 }
 
-function refuse(code: status, details: string): Error & { code: status; details: string } {
-  return Object.assign(new Error(details), { code, details });
-}
-
 /** Adds one message's pieces; a complete handoff (the step's last message) comes back. */
 function addMessage(
   assembling: Assembling | undefined,
   message: HandoffRequest,
 ): { assembling: Assembling | undefined; complete?: Assembling } {
   const where = `handoff for job ${JSON.stringify(message.jobId)} step ${message.step}`;
-  if (!message.jobId) throw refuse(status.INVALID_ARGUMENT, "handoff without a job_id");
-  if (message.step < 1) throw refuse(status.INVALID_ARGUMENT, `${where}: step must be ≥ 1`);
+  if (!message.jobId) throw new StatusError(status.INVALID_ARGUMENT, "handoff without a job_id");
+  if (message.step < 1)
+    throw new StatusError(status.INVALID_ARGUMENT, `${where}: step must be ≥ 1`);
   const current: Assembling = assembling ?? { step: message.step, tensors: {}, filled: new Map() };
   if (current.step !== message.step) {
-    throw refuse(
+    throw new StatusError(
       status.INVALID_ARGUMENT,
       `${where}: step ${current.step}'s handoff was not finished (no message with last = true)`,
     );
@@ -129,7 +128,7 @@ function addMessage(
         piece.tensorBytes > MAX_HANDOFF_TENSOR_BYTES ||
         Object.keys(current.tensors).length >= MAX_HANDOFF_TENSORS
       ) {
-        throw refuse(
+        throw new StatusError(
           status.INVALID_ARGUMENT,
           `${where}: tensor ${JSON.stringify(name)} of ${piece.tensorBytes} bytes (a named float32 tensor of at most ${MAX_HANDOFF_TENSOR_BYTES} bytes, ${MAX_HANDOFF_TENSORS} tensors)`,
         );
@@ -142,7 +141,7 @@ function addMessage(
       piece.tensorBytes !== tensor.byteLength ||
       piece.offset + piece.data.length > tensor.byteLength
     ) {
-      throw refuse(
+      throw new StatusError(
         status.INVALID_ARGUMENT,
         `${where}: ${piece.data.length} bytes at ${piece.offset} do not fit tensor ${JSON.stringify(name)} of ${tensor.byteLength} bytes`,
       );
@@ -156,7 +155,7 @@ function addMessage(
   if (!message.last) return { assembling: current };
   for (const [name, tensor] of Object.entries(current.tensors)) {
     if (current.filled.get(name) !== tensor.byteLength) {
-      throw refuse(
+      throw new StatusError(
         status.INVALID_ARGUMENT,
         `${where}: tensor ${JSON.stringify(name)} got ${current.filled.get(name)} of ${tensor.byteLength} bytes`,
       );
@@ -168,7 +167,6 @@ function addMessage(
 /** Serves ExecutorPeerService: reassembles handoffs and gives each to `sink`. */
 export class PeerServer {
   private readonly server: Server;
-  private boundAddress = "";
 
   constructor(
     private readonly options: {
@@ -193,19 +191,8 @@ export class PeerServer {
   }
 
   /** Listens on HOST:PORT (port 0: any free one); resolves to the address it listens on. */
-  async listen(address: string): Promise<string> {
-    const port = await new Promise<number>((resolvePort, reject) => {
-      this.server.bindAsync(address, serverCredentials(this.options.tls), (error, bound) =>
-        error ? reject(new Error(`peer address ${address}: ${error.message}`)) : resolvePort(bound),
-      );
-    });
-    const host = address.slice(0, address.lastIndexOf(":"));
-    this.boundAddress = `${host}:${port}`;
-    return this.boundAddress;
-  }
-
-  get address(): string {
-    return this.boundAddress;
+  listen(address: string): Promise<string> {
+    return bindServer(this.server, address, serverCredentials(this.options.tls), "--peer-listen");
   }
 
   stop(): void {
@@ -232,9 +219,9 @@ export class PeerServer {
         }
       } catch (error) {
         failed = true;
-        const err = error as Error & { code?: status };
+        const err = toStatusError(error, this.options.log);
         this.options.log(`ferry executor: refused a pipeline handoff: ${err.message}`);
-        callback(refuse(err.code ?? status.INTERNAL, err.message));
+        callback(err);
         if (jobId) this.options.refused?.(jobId, err.message);
       }
     });

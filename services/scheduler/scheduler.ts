@@ -2085,15 +2085,8 @@ function multiGpuMode(spec: JobSpec): MultiGpuMode {
 export function multiGpuMessage(decision: MultiGpuDecision<PlanMessage>): MultiGpuChoice {
   return {
     mode: decision.mode,
-    shares: decision.shares.map((share) => ({
-      executorId: share.executorId,
-      firstSample: share.firstSample,
-      samples: share.samples,
-      plan: share.plan,
-      predictedS: share.predictedS,
-      firstBase: share.firstBase,
-      lastBase: share.lastBase,
-    })),
+    // A chosen share carries exactly SplitShare's fields.
+    shares: decision.shares,
     singlePredictedS: decision.singleS ?? 0,
     splitPredictedS: decision.splitS ?? 0,
     explanation: decision.explanation,

@@ -36,6 +36,7 @@ import {
   MAX_OUTPUT_CHUNK_BYTES,
   MIN_OUTPUT_CHUNK_BYTES,
 } from "../../lib/wire/limits";
+import { bindServer } from "../../lib/wire/listen";
 import { resultMessages } from "../../lib/wire/outputChunks";
 import { checkInteger } from "../../lib/wire/validate";
 import { ferryPackageDefinition } from "../../lib/wire/protoDefinition";
@@ -326,24 +327,17 @@ export async function startSchedulerServer(
   const health = new HealthImplementation({ "": "SERVING", [SERVICE_NAME]: "SERVING" });
   health.addToServer(server);
   new ReflectionService(ferryPackageDefinition()).addToServer(server);
-  let port: number;
+  let address: string;
   try {
-    port = await new Promise<number>((resolvePort, reject) => {
-      server.bindAsync(listen, credentials, (error, boundPort) =>
-        error
-          ? reject(new Error(`cannot listen on ${listen}: ${error.message}`))
-          : resolvePort(boundPort),
-      );
-    });
+    address = await bindServer(server, listen, credentials);
   } catch (error) {
     await scheduler.drain(0);
     throw error;
   }
-  const host = listen.slice(0, listen.lastIndexOf(":")) || "127.0.0.1";
   let lifecycle: Lifecycle = "running";
   return {
-    address: `${host}:${port}`,
-    port,
+    address,
+    port: Number(address.slice(address.lastIndexOf(":") + 1)),
     scheduler,
     async close(graceMs = 5000) {
       if (lifecycle !== "running") return;
